@@ -1,0 +1,381 @@
+"""The envelope model: make, step through the lifecycle, record, validate.
+
+Pure functions over the generated ``ExecutionEnvelope`` message; no gRPC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+import protovalidate
+from google.protobuf import json_format
+
+from envelope_grpc.v1.envelope_pb2 import (
+    Binding,
+    DecisionOutcome,
+    ExecutionEnvelope,
+    GrantStage,
+    LifecycleState,
+    ResourceDimension,
+    Resources,
+    Usage,
+)
+
+SCHEMA_VERSION: Final = "1.0"
+
+S = LifecycleState
+RECEIVED: Final = S.LIFECYCLE_STATE_RECEIVED
+NORMALIZED: Final = S.LIFECYCLE_STATE_NORMALIZED
+ADMITTED: Final = S.LIFECYCLE_STATE_ADMITTED
+GRANTED: Final = S.LIFECYCLE_STATE_GRANTED
+BOUND: Final = S.LIFECYCLE_STATE_BOUND
+COMPLETED: Final = S.LIFECYCLE_STATE_COMPLETED
+FAILED: Final = S.LIFECYCLE_STATE_FAILED
+CANCELLED: Final = S.LIFECYCLE_STATE_CANCELLED
+REJECTED: Final = S.LIFECYCLE_STATE_REJECTED
+
+TERMINAL: Final = frozenset({COMPLETED, FAILED, CANCELLED, REJECTED})
+_ENDS: Final = frozenset({FAILED, CANCELLED})
+
+#: Every legal lifecycle move, as documented on ``LifecycleState``.
+LEGAL_TRANSITIONS: Final[Mapping[int, frozenset[int]]] = {
+    S.LIFECYCLE_STATE_UNSPECIFIED: frozenset({RECEIVED}),
+    RECEIVED: frozenset({NORMALIZED}) | _ENDS,
+    NORMALIZED: frozenset({ADMITTED, REJECTED}) | _ENDS,
+    ADMITTED: frozenset({GRANTED, BOUND, COMPLETED, REJECTED}) | _ENDS,
+    GRANTED: frozenset({BOUND, COMPLETED}) | _ENDS,
+    BOUND: frozenset({COMPLETED}) | _ENDS,
+    COMPLETED: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+    REJECTED: frozenset(),
+}
+
+Outcome = DecisionOutcome
+#: Resource dimensions that hold a quantity, by field name.
+QUANTITIES: Final[Mapping[str, int]] = {
+    "accelerator_count": ResourceDimension.RESOURCE_DIMENSION_ACCELERATOR_COUNT,
+    "accelerator_memory_bytes": ResourceDimension.RESOURCE_DIMENSION_ACCELERATOR_MEMORY_BYTES,
+    "cpu_millis": ResourceDimension.RESOURCE_DIMENSION_CPU_MILLIS,
+    "memory_bytes": ResourceDimension.RESOURCE_DIMENSION_MEMORY_BYTES,
+    "replicas_min": ResourceDimension.RESOURCE_DIMENSION_REPLICAS_MIN,
+    "replicas_start": ResourceDimension.RESOURCE_DIMENSION_REPLICAS_START,
+    "replicas_max": ResourceDimension.RESOURCE_DIMENSION_REPLICAS_MAX,
+    "concurrency": ResourceDimension.RESOURCE_DIMENSION_CONCURRENCY,
+    "tokens": ResourceDimension.RESOURCE_DIMENSION_TOKENS,
+    "bytes": ResourceDimension.RESOURCE_DIMENSION_BYTES,
+    "duration_ms": ResourceDimension.RESOURCE_DIMENSION_DURATION_MS,
+}
+#: Field name of every resource dimension.
+DIMENSION_FIELDS: Final[Mapping[int, str]] = {
+    **{dim: name for name, dim in QUANTITIES.items()},
+    ResourceDimension.RESOURCE_DIMENSION_ACCELERATOR_TYPE: "accelerator_type",
+}
+
+
+class LifecycleError(ValueError):
+    """A lifecycle step that the envelope's current state does not allow."""
+
+    def __init__(self, current: int, target: int, what: str = "") -> None:
+        self.current = current
+        self.target = target
+        doing = what or f"move to {S.Name(target)}"
+        super().__init__(f"cannot {doing}: the envelope is {S.Name(current)}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Violation:
+    """One broken rule: its stable id, the field path it concerns, and a message."""
+
+    rule_id: str
+    field: str
+    message: str
+
+
+def new_id() -> str:
+    """A fresh envelope id: 32 lowercase hex digits (128 random bits)."""
+    return os.urandom(16).hex()
+
+
+def new_envelope(
+    method: str,
+    *,
+    request_id: str = "",
+    envelope_id: str = "",
+    actor: str = "receiver",
+    now_ns: int | None = None,
+) -> ExecutionEnvelope:
+    """An envelope in state RECEIVED for a call of ``method``."""
+    env = ExecutionEnvelope(
+        envelope_id=envelope_id or new_id(),
+        schema_version=SCHEMA_VERSION,
+        request_id=request_id or new_id(),
+    )
+    env.execution.method = method
+    now = time.time_ns() if now_ns is None else now_ns
+    env.lifecycle.start_time.FromNanoseconds(now)
+    transition(env, RECEIVED, actor=actor, now_ns=now)
+    return env
+
+
+def state(env: ExecutionEnvelope) -> int:
+    """The envelope's current lifecycle state."""
+    return env.lifecycle.state
+
+
+def is_terminal(env: ExecutionEnvelope) -> bool:
+    """Whether the envelope is frozen."""
+    return env.lifecycle.state in TERMINAL
+
+
+def transition(
+    env: ExecutionEnvelope, to: int, *, actor: str, reason: str = "", now_ns: int | None = None
+) -> None:
+    """Move the envelope to ``to``, recording time, actor and reason.
+
+    Raises LifecycleError, naming both states, for a move the lifecycle does
+    not allow.
+    """
+    lifecycle = env.lifecycle
+    current = lifecycle.state
+    if to not in LEGAL_TRANSITIONS[current]:
+        raise LifecycleError(current, to)
+    now = time.time_ns() if now_ns is None else now_ns
+    step = lifecycle.transitions.add()
+    step.to = to
+    step.actor = actor
+    step.time.FromNanoseconds(now)
+    if current:
+        step.__setattr__("from", current)
+    if reason:
+        step.reason = reason
+    lifecycle.state = to
+    if to in TERMINAL:
+        lifecycle.end_time.FromNanoseconds(now)
+
+
+def _require(env: ExecutionEnvelope, allowed: Iterable[int], what: str) -> None:
+    current = env.lifecycle.state
+    if current not in allowed:
+        raise LifecycleError(current, current, what)
+
+
+def record_requested(env: ExecutionEnvelope, resources: Resources) -> None:
+    """Write the caller's original ask; allowed once, before NORMALIZED."""
+    _require(env, (RECEIVED,), "record requested resources")
+    if env.HasField("requested"):
+        raise LifecycleError(env.lifecycle.state, env.lifecycle.state, "record requested resources twice")
+    env.requested.CopyFrom(resources)
+
+
+def compare(requested: Resources, granted: Resources) -> int:
+    """How ``granted`` compares with ``requested``: a DecisionOutcome.
+
+    ADMITTED when equal; NARROWED when some dimension is lower or dropped and
+    none higher; WIDENED when some dimension is higher or filled in and none
+    lower; ADJUSTED when both, or when the accelerator type was substituted.
+    """
+    narrowed = widened = False
+    for name in QUANTITIES:
+        asked = requested.HasField(name)
+        got = granted.HasField(name)
+        if asked and (not got or getattr(granted, name) < getattr(requested, name)):
+            narrowed = True
+        elif got and (not asked or getattr(granted, name) > getattr(requested, name)):
+            widened = True
+    if granted.accelerator_type != requested.accelerator_type:
+        narrowed = narrowed or bool(requested.accelerator_type)
+        widened = widened or bool(granted.accelerator_type)
+    if narrowed and widened:
+        return Outcome.DECISION_OUTCOME_ADJUSTED
+    if narrowed:
+        return Outcome.DECISION_OUTCOME_NARROWED
+    if widened:
+        return Outcome.DECISION_OUTCOME_WIDENED
+    return Outcome.DECISION_OUTCOME_ADMITTED
+
+
+def _add_grant(
+    env: ExecutionEnvelope,
+    stage: int,
+    resources: Resources,
+    *,
+    reason_code: str,
+    reason: str,
+    actor: str,
+    now_ns: int | None,
+) -> int:
+    outcome = compare(env.requested, resources)
+    if outcome != Outcome.DECISION_OUTCOME_ADMITTED and not (reason_code and reason):
+        raise ValueError(f"a grant that is {Outcome.Name(outcome)} needs a reason_code and a reason")
+    grant = env.grants.add(stage=stage, outcome=outcome, actor=actor)
+    grant.resources.CopyFrom(resources)
+    if outcome != Outcome.DECISION_OUTCOME_ADMITTED:
+        grant.reason_code = reason_code
+        grant.reason = reason
+    grant.time.FromNanoseconds(time.time_ns() if now_ns is None else now_ns)
+    return outcome
+
+
+def record_admission_grant(
+    env: ExecutionEnvelope,
+    resources: Resources,
+    *,
+    reason_code: str = "",
+    reason: str = "",
+    actor: str = "admission",
+    now_ns: int | None = None,
+) -> int:
+    """Write admission's grant (before the ADMITTED step); returns its outcome."""
+    _require(env, (NORMALIZED,), "record an admission grant")
+    if env.grants:
+        raise LifecycleError(env.lifecycle.state, env.lifecycle.state, "record a second admission grant")
+    return _add_grant(
+        env,
+        GrantStage.GRANT_STAGE_ADMISSION,
+        resources,
+        reason_code=reason_code,
+        reason=reason,
+        actor=actor,
+        now_ns=now_ns,
+    )
+
+
+def record_grant(
+    env: ExecutionEnvelope,
+    resources: Resources,
+    *,
+    reason_code: str = "",
+    reason: str = "",
+    actor: str = "backend",
+    now_ns: int | None = None,
+) -> int:
+    """Record the backend's final grant and move to GRANTED; returns its outcome.
+
+    A grant that differs from the request needs a reason code and a reason.
+    """
+    _require(env, (ADMITTED,), "record the backend's grant")
+    outcome = _add_grant(
+        env,
+        GrantStage.GRANT_STAGE_BACKEND,
+        resources,
+        reason_code=reason_code,
+        reason=reason,
+        actor=actor,
+        now_ns=now_ns,
+    )
+    transition(env, GRANTED, actor=actor, reason=reason_code, now_ns=now_ns)
+    return outcome
+
+
+def record_binding(
+    env: ExecutionEnvelope,
+    binding: Binding,
+    *,
+    actor: str = "backend",
+    now_ns: int | None = None,
+) -> None:
+    """Record placement and routing and move to BOUND."""
+    _require(env, (ADMITTED, GRANTED), "record a binding")
+    env.binding.CopyFrom(binding)
+    transition(env, BOUND, actor=actor, now_ns=now_ns)
+
+
+def record_usage(env: ExecutionEnvelope, usage: Usage) -> None:
+    """Merge actual usage into the outcome; allowed until the envelope ends."""
+    _require(env, (ADMITTED, GRANTED, BOUND), "record usage")
+    env.outcome.usage.MergeFrom(usage)
+
+
+def reject(
+    env: ExecutionEnvelope,
+    reason_code: str,
+    message: str,
+    *,
+    status_code: int,
+    actor: str,
+    now_ns: int | None = None,
+) -> None:
+    """Move to REJECTED with a reason; a backend grant or binding may not exist."""
+    if any(g.stage == GrantStage.GRANT_STAGE_BACKEND for g in env.grants) or env.HasField("binding"):
+        raise LifecycleError(env.lifecycle.state, REJECTED, "reject an envelope that holds a backend grant")
+    env.outcome.reason_code = reason_code
+    env.outcome.status_code = status_code
+    env.outcome.status_message = message
+    transition(env, REJECTED, actor=actor, reason=reason_code, now_ns=now_ns)
+
+
+# -- validation ---------------------------------------------------------------
+
+_validator = protovalidate.Validator()
+
+
+def _path(field: object) -> str:
+    """Render a protovalidate FieldPath as "a.b[0].c" or "a.b[key]"."""
+    parts: list[str] = []
+    for element in getattr(field, "elements", None) or ():
+        part = element.field_name
+        subscript = element.subscript
+        if subscript is not None:
+            part += f"[{subscript.value}]"
+        parts.append(part)
+    return ".".join(parts)
+
+
+def replay(env: ExecutionEnvelope) -> list[Violation]:
+    """The core's own rules, which CEL cannot express: the transition list
+    replays from UNSPECIFIED through legal moves only, in time order."""
+    violations: list[Violation] = []
+    current = S.LIFECYCLE_STATE_UNSPECIFIED
+    last_ns = 0
+    for i, step in enumerate(env.lifecycle.transitions):
+        where = f"lifecycle.transitions[{i}]"
+        source = getattr(step, "from")
+        if source != current:
+            violations.append(
+                Violation(
+                    "lifecycle.broken_chain",
+                    where,
+                    f"starts from {S.Name(source)} but the envelope was {S.Name(current)}",
+                )
+            )
+        elif step.to not in LEGAL_TRANSITIONS[current]:
+            violations.append(
+                Violation(
+                    "lifecycle.illegal_transition",
+                    where,
+                    f"{S.Name(current)} -> {S.Name(step.to)} is not a legal move",
+                )
+            )
+        ns = step.time.ToNanoseconds()
+        if ns < last_ns:
+            violations.append(Violation("lifecycle.time_goes_back", where, "is earlier than the step before"))
+        last_ns = max(last_ns, ns)
+        current = step.to
+    return violations
+
+
+def validate(env: ExecutionEnvelope) -> list[Violation]:
+    """Every broken rule of the contract (protovalidate) and of the core."""
+    found = [
+        Violation(v.proto.rule_id, _path(v.proto.field), v.proto.message)
+        for v in _validator.collect_violations(env)
+    ]
+    return found + replay(env)
+
+
+# -- proto3 JSON ----------------------------------------------------------------
+
+
+def to_json(env: ExecutionEnvelope, *, indent: int | None = None) -> str:
+    """The envelope in proto3 JSON (lowerCamelCase names, enum names)."""
+    return json_format.MessageToJson(env, indent=indent)
+
+
+def from_json(text: str) -> ExecutionEnvelope:
+    """Parse proto3 JSON into an envelope; unknown fields are an error."""
+    return json_format.Parse(text, ExecutionEnvelope())
