@@ -1,0 +1,77 @@
+"""envelope-grpc: execution envelopes for AI backends on gRPC.
+
+The ``grpc`` flavour lives here; ``envelope_grpc.aio`` mirrors it for
+``grpc.aio``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from opentelemetry.instrumentation.grpc import server_interceptor as _otel_server_interceptor
+
+from envelope_grpc._client import EnvelopeClientInterceptor
+from envelope_grpc._core import CallInfo, EnvelopeConfig, Peer, Resolver, TrustPeer, Unauthenticated
+from envelope_grpc._envelope import (
+    LifecycleError,
+    Violation,
+    from_json,
+    new_envelope,
+    to_json,
+    transition,
+    validate,
+)
+from envelope_grpc._extract import Action, Extraction, Extractor, ExtractorRegistry
+from envelope_grpc._handler import current_envelope, record_binding, record_grant, record_usage, reject
+from envelope_grpc._policy import Allow, Deny, Limit, LimitsPolicy, Narrow, Policy, PolicySpec, Verdict
+from envelope_grpc._server import EnvelopeServerInterceptor
+from envelope_grpc._sinks import JsonLinesSink, Sink, SinkDispatcher, SinkStats
+
+__all__ = [
+    "Action",
+    "Allow",
+    "CallInfo",
+    "Deny",
+    "EnvelopeClientInterceptor",
+    "EnvelopeConfig",
+    "EnvelopeServerInterceptor",
+    "Extraction",
+    "Extractor",
+    "ExtractorRegistry",
+    "JsonLinesSink",
+    "LifecycleError",
+    "Limit",
+    "LimitsPolicy",
+    "Narrow",
+    "Peer",
+    "Policy",
+    "PolicySpec",
+    "Resolver",
+    "Sink",
+    "SinkDispatcher",
+    "SinkStats",
+    "TrustPeer",
+    "Unauthenticated",
+    "Verdict",
+    "Violation",
+    "current_envelope",
+    "from_json",
+    "new_envelope",
+    "record_binding",
+    "record_grant",
+    "record_usage",
+    "reject",
+    "server_interceptors",
+    "to_json",
+    "transition",
+    "validate",
+]
+
+
+def server_interceptors(
+    config: EnvelopeConfig | None = None, *, tracer_provider: Any = None
+) -> list[grpc.ServerInterceptor]:
+    """OpenTelemetry's server interceptor, then the envelope interceptor: the
+    order in which envelope attributes land on the call's span."""
+    return [_otel_server_interceptor(tracer_provider=tracer_provider), EnvelopeServerInterceptor(config)]  # type: ignore[no-untyped-call]

@@ -9,7 +9,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import Any, Final, TypeAlias
 
 import protovalidate
 from google.protobuf import json_format
@@ -42,7 +42,8 @@ TERMINAL: Final = frozenset({COMPLETED, FAILED, CANCELLED, REJECTED})
 _ENDS: Final = frozenset({FAILED, CANCELLED})
 
 #: Every legal lifecycle move, as documented on ``LifecycleState``.
-LEGAL_TRANSITIONS: Final[Mapping[int, frozenset[int]]] = {
+_State: TypeAlias = LifecycleState.ValueType
+LEGAL_TRANSITIONS: Final[Mapping[_State, frozenset[_State]]] = {
     S.LIFECYCLE_STATE_UNSPECIFIED: frozenset({RECEIVED}),
     RECEIVED: frozenset({NORMALIZED}) | _ENDS,
     NORMALIZED: frozenset({ADMITTED, REJECTED}) | _ENDS,
@@ -57,7 +58,8 @@ LEGAL_TRANSITIONS: Final[Mapping[int, frozenset[int]]] = {
 
 Outcome = DecisionOutcome
 #: Resource dimensions that hold a quantity, by field name.
-QUANTITIES: Final[Mapping[str, int]] = {
+# Keys typed Any: the generated stubs accept only literal field names.
+QUANTITIES: Final[Mapping[Any, int]] = {
     "accelerator_count": ResourceDimension.RESOURCE_DIMENSION_ACCELERATOR_COUNT,
     "accelerator_memory_bytes": ResourceDimension.RESOURCE_DIMENSION_ACCELERATOR_MEMORY_BYTES,
     "cpu_millis": ResourceDimension.RESOURCE_DIMENSION_CPU_MILLIS,
@@ -71,7 +73,7 @@ QUANTITIES: Final[Mapping[str, int]] = {
     "duration_ms": ResourceDimension.RESOURCE_DIMENSION_DURATION_MS,
 }
 #: Field name of every resource dimension.
-DIMENSION_FIELDS: Final[Mapping[int, str]] = {
+DIMENSION_FIELDS: Final[Mapping[int, Any]] = {
     **{dim: name for name, dim in QUANTITIES.items()},
     ResourceDimension.RESOURCE_DIMENSION_ACCELERATOR_TYPE: "accelerator_type",
 }
@@ -80,7 +82,7 @@ DIMENSION_FIELDS: Final[Mapping[int, str]] = {
 class LifecycleError(ValueError):
     """A lifecycle step that the envelope's current state does not allow."""
 
-    def __init__(self, current: int, target: int, what: str = "") -> None:
+    def __init__(self, current: _State, target: _State, what: str = "") -> None:
         self.current = current
         self.target = target
         doing = what or f"move to {S.Name(target)}"
@@ -122,7 +124,7 @@ def new_envelope(
     return env
 
 
-def state(env: ExecutionEnvelope) -> int:
+def state(env: ExecutionEnvelope) -> _State:
     """The envelope's current lifecycle state."""
     return env.lifecycle.state
 
@@ -133,7 +135,7 @@ def is_terminal(env: ExecutionEnvelope) -> bool:
 
 
 def transition(
-    env: ExecutionEnvelope, to: int, *, actor: str, reason: str = "", now_ns: int | None = None
+    env: ExecutionEnvelope, to: _State, *, actor: str, reason: str = "", now_ns: int | None = None
 ) -> None:
     """Move the envelope to ``to``, recording time, actor and reason.
 
@@ -158,7 +160,7 @@ def transition(
         lifecycle.end_time.FromNanoseconds(now)
 
 
-def _require(env: ExecutionEnvelope, allowed: Iterable[int], what: str) -> None:
+def _require(env: ExecutionEnvelope, allowed: Iterable[_State], what: str) -> None:
     current = env.lifecycle.state
     if current not in allowed:
         raise LifecycleError(current, current, what)
@@ -172,7 +174,7 @@ def record_requested(env: ExecutionEnvelope, resources: Resources) -> None:
     env.requested.CopyFrom(resources)
 
 
-def compare(requested: Resources, granted: Resources) -> int:
+def compare(requested: Resources, granted: Resources) -> DecisionOutcome.ValueType:
     """How ``granted`` compares with ``requested``: a DecisionOutcome.
 
     ADMITTED when equal; NARROWED when some dimension is lower or dropped and
@@ -201,7 +203,7 @@ def compare(requested: Resources, granted: Resources) -> int:
 
 def _add_grant(
     env: ExecutionEnvelope,
-    stage: int,
+    stage: GrantStage.ValueType,
     resources: Resources,
     *,
     reason_code: str,
@@ -303,6 +305,8 @@ def reject(
     """Move to REJECTED with a reason; a backend grant or binding may not exist."""
     if any(g.stage == GrantStage.GRANT_STAGE_BACKEND for g in env.grants) or env.HasField("binding"):
         raise LifecycleError(env.lifecycle.state, REJECTED, "reject an envelope that holds a backend grant")
+    if REJECTED not in LEGAL_TRANSITIONS[env.lifecycle.state]:
+        raise LifecycleError(env.lifecycle.state, REJECTED)
     env.outcome.reason_code = reason_code
     env.outcome.status_code = status_code
     env.outcome.status_message = message
@@ -326,12 +330,16 @@ def _path(field: object) -> str:
     return ".".join(parts)
 
 
+def _name(state: int) -> str:
+    return S.Name(state) if state in S.values() else str(state)  # type: ignore[arg-type]
+
+
 def replay(env: ExecutionEnvelope) -> list[Violation]:
     """The core's own rules, which CEL cannot express: the transition list
     replays from UNSPECIFIED through legal moves only, in time order."""
     violations: list[Violation] = []
     current = S.LIFECYCLE_STATE_UNSPECIFIED
-    last_ns = 0
+    last_ns: int | None = None
     for i, step in enumerate(env.lifecycle.transitions):
         where = f"lifecycle.transitions[{i}]"
         source = getattr(step, "from")
@@ -340,21 +348,21 @@ def replay(env: ExecutionEnvelope) -> list[Violation]:
                 Violation(
                     "lifecycle.broken_chain",
                     where,
-                    f"starts from {S.Name(source)} but the envelope was {S.Name(current)}",
+                    f"starts from {_name(source)} but the envelope was {_name(current)}",
                 )
             )
-        elif step.to not in LEGAL_TRANSITIONS[current]:
+        elif step.to not in LEGAL_TRANSITIONS.get(current, frozenset()):
             violations.append(
                 Violation(
                     "lifecycle.illegal_transition",
                     where,
-                    f"{S.Name(current)} -> {S.Name(step.to)} is not a legal move",
+                    f"{_name(current)} -> {_name(step.to)} is not a legal move",
                 )
             )
         ns = step.time.ToNanoseconds()
-        if ns < last_ns:
+        if last_ns is not None and ns < last_ns:
             violations.append(Violation("lifecycle.time_goes_back", where, "is earlier than the step before"))
-        last_ns = max(last_ns, ns)
+        last_ns = ns if last_ns is None else max(last_ns, ns)
         current = step.to
     return violations
 

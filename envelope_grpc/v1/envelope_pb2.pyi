@@ -1401,3 +1401,41 @@ class ExecutionEnvelope(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecutionEnvelope: _TypeAlias = ExecutionEnvelope  # noqa: Y015
+
+@_typing.final
+class EnvelopeContext(_message.Message):
+    """The compact form of an envelope that a client carries to downstream calls
+    in the `x-execution-envelope-bin` metadata. It is lineage, never authority:
+    a server records it as the parent of its own envelope only when it trusts
+    the peer, and it never widens what the downstream call is granted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_ID_FIELD_NUMBER: _builtins.int
+    ROOT_ENVELOPE_ID_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    envelope_id: _builtins.str
+    """The caller's envelope id; becomes the downstream envelope's parent."""
+    root_envelope_id: _builtins.str
+    """The root of the caller's chain; empty when the caller is the root."""
+    depth: _builtins.int
+    """The caller's depth: 0 when the caller is the root."""
+    kind: Global___ExecutionKind.ValueType
+    """The caller's execution kind."""
+    def __init__(
+        self,
+        *,
+        envelope_id: _builtins.str = ...,
+        root_envelope_id: _builtins.str = ...,
+        depth: _builtins.int = ...,
+        kind: Global___ExecutionKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "envelope_id", b"envelope_id", "kind", b"kind", "root_envelope_id", b"root_envelope_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnvelopeContext: _TypeAlias = EnvelopeContext  # noqa: Y015

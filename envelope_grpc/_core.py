@@ -1,0 +1,474 @@
+"""The core: everything an interceptor decides, with no I/O.
+
+The ``grpc`` and ``grpc.aio`` shells fetch inputs from the servicer context,
+call ``begin`` before the handler and ``end`` after it, and do the awaiting
+and aborting. Both contexts offer the same synchronous accessors
+(invocation_metadata, peer, auth_context, time_remaining, code, details,
+trailing_metadata, set_trailing_metadata), so the core reads them directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Protocol
+
+import grpc
+import protovalidate
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry import metrics, trace
+
+from envelope_grpc import _constants as k
+from envelope_grpc import _envelope as model
+from envelope_grpc._extract import Action, Extraction, ExtractorRegistry, MethodPlan
+from envelope_grpc._policy import Deny, Policy, PolicySpec, admit, as_spec
+from envelope_grpc._sinks import Sink, SinkDispatcher, SinkStats
+from envelope_grpc._telemetry import OUTCOME_NAMES, Metrics, annotate
+from envelope_grpc.v1.envelope_pb2 import (
+    AuthMethod,
+    DecisionOutcome,
+    DenialBasis,
+    EnvelopeContext,
+    EnvelopeFlag,
+    ExecutionEnvelope,
+    Principal,
+    PrincipalKind,
+)
+
+#: The envelope of the call being handled, for the handler API.
+CURRENT: Final[contextvars.ContextVar[ExecutionEnvelope | None]] = contextvars.ContextVar(
+    "execution_envelope", default=None
+)
+
+_NO_DEADLINE: Final = 1e8  # seconds; grpc reports "no deadline" as a huge remainder
+_Pairs = Sequence[tuple[str, str | bytes]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Peer:
+    """The immediate caller as the transport sees it."""
+
+    address: str
+    auth_context: Mapping[str, Sequence[bytes]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What an identity resolver sees of a call (metadata: first value per key)."""
+
+    method: str
+    metadata: Mapping[str, str | bytes]
+    peer: Peer
+
+
+class Unauthenticated(Exception):
+    """Raised by a resolver for a missing, forged or expired credential.
+
+    The message must name no token, key or secret: it reaches the caller.
+    """
+
+    def __init__(self, reason_code: str, message: str) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+        self.message = message
+
+
+class Resolver(Protocol):
+    """Resolves who is calling; None when it has nothing to say."""
+
+    def __call__(self, call: CallInfo, /) -> Principal | None: ...
+
+
+#: Whether a peer's envelope may become lineage.
+TrustPeer = Callable[[Peer], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvelopeConfig:
+    """How interceptors build, admit and report envelopes.
+
+    ``policies`` run in order (wrap one in PolicySpec for dry-run or
+    fail-open). ``resolvers`` are tried in order; the first principal wins and
+    the caller is anonymous when none answers. A peer's envelope becomes
+    lineage only when ``trust_peer`` says so; by default no peer is trusted.
+    """
+
+    extractors: ExtractorRegistry = dataclasses.field(default_factory=ExtractorRegistry)
+    policies: Sequence[Policy | PolicySpec] = ()
+    resolvers: Sequence[Resolver] = ()
+    sinks: Sequence[Sink] = ()
+    trust_peer: TrustPeer | None = None
+    fail_open: bool = False
+    digest_requests: bool = True
+    meter_provider: metrics.MeterProvider | None = None
+    max_sink_queue: int = 10_000
+
+
+class Call:
+    """One call's envelope and counters."""
+
+    __slots__ = (
+        "denial",
+        "ended",
+        "env",
+        "request_bytes",
+        "request_messages",
+        "response_bytes",
+        "response_messages",
+        "span",
+        "started_ns",
+    )
+
+    def __init__(self, env: ExecutionEnvelope, span: trace.Span, started_ns: int) -> None:
+        self.env = env
+        self.span = span
+        self.started_ns = started_ns
+        self.denial: tuple[str, Deny] | None = None
+        self.request_messages = self.request_bytes = 0
+        self.response_messages = self.response_bytes = 0
+        self.ended = False
+
+    def count_request(self, message: Message) -> None:
+        """Count one request message."""
+        self.request_messages += 1
+        self.request_bytes += message.ByteSize()
+
+    def count_response(self, message: Any) -> None:
+        """Count one response message."""
+        self.response_messages += 1
+        if isinstance(message, Message):
+            self.response_bytes += message.ByteSize()
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortStatus(grpc.Status):
+    """The status a refused call is aborted with."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def _first_values(pairs: _Pairs | None) -> dict[str, str | bytes]:
+    found: dict[str, str | bytes] = {}
+    for key, value in pairs or ():
+        found.setdefault(key, value)
+    return found
+
+
+def _request_id(value: str | bytes | None) -> str:
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= 128
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+    ):
+        return value
+    return ""
+
+
+class Core:
+    """The decisions of the envelope interceptors, shared by grpc and grpc.aio."""
+
+    def __init__(self, config: EnvelopeConfig) -> None:
+        self.config = config
+        self.extractors = config.extractors
+        self.policies = tuple(as_spec(policy) for policy in config.policies)
+        self.metrics = Metrics(config.meter_provider)
+        self.dispatcher = (
+            SinkDispatcher(config.sinks, max_queue=config.max_sink_queue) if config.sinks else None
+        )
+
+    def plan(self, method: str) -> MethodPlan:
+        """How calls of ``method`` are handled."""
+        return self.extractors.plan(method)
+
+    # -- before the handler ---------------------------------------------------------
+
+    def begin(
+        self, plan: MethodPlan, context: Any, request: Message | None
+    ) -> tuple[Call, AbortStatus | None]:
+        """Receive, normalize and admit a call; ``request`` is the first request
+        message (None for a request stream that ended at once). Returns the
+        call and, when it is refused, the status to abort with."""
+        call = self._receive(plan, context)
+        if request is not None:
+            call.count_request(request)
+        status = self._admit(call, plan, request)
+        if status is None:
+            context.set_trailing_metadata(self.trailers(call))
+        return call, status
+
+    def _receive(self, plan: MethodPlan, context: Any) -> Call:
+        now = time.time_ns()
+        metadata = _first_values(context.invocation_metadata())
+        env = model.new_envelope(
+            plan.method,
+            request_id=_request_id(metadata.get(k.REQUEST_ID_METADATA)),
+            actor=k.ACTOR_RECEIVER,
+            now_ns=now,
+        )
+        span = trace.get_current_span()
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            env.trace_id = format(span_context.trace_id, "032x")
+            env.span_id = format(span_context.span_id, "016x")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < _NO_DEADLINE:
+            env.execution.deadline.FromNanoseconds(now + int(remaining * 1e9))
+        call = Call(env, span, now)
+        peer = Peer(context.peer() or "", {})
+        if self.config.resolvers or self.config.trust_peer is not None:
+            peer = Peer(peer.address, context.auth_context() or {})
+        self._identify(call, plan.method, metadata, peer)
+        inbound = metadata.get(k.ENVELOPE_METADATA)
+        if inbound is not None:
+            self._lineage(env, inbound, peer)
+        return call
+
+    def _identify(self, call: Call, method: str, metadata: dict[str, str | bytes], peer: Peer) -> None:
+        principal = call.env.principal
+        principal.source_address = peer.address[:256]
+        agent = metadata.get("user-agent")
+        if isinstance(agent, str):
+            principal.user_agent = agent[:512]
+        info = CallInfo(method, metadata, peer)
+        for resolver in self.config.resolvers:
+            try:
+                found = resolver(info)
+            except Unauthenticated as refused:
+                call.denial = (
+                    "identity",
+                    Deny(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        refused.reason_code,
+                        refused.message,
+                        DenialBasis.DENIAL_BASIS_INVALID,
+                    ),
+                )
+                break
+            except Exception as error:  # an identity source that fails must not admit anyone
+                call.denial = (
+                    "identity",
+                    Deny(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "IDENTITY_ERROR",
+                        f"identity could not be resolved ({type(error).__name__})",
+                        DenialBasis.DENIAL_BASIS_ERROR,
+                    ),
+                )
+                break
+            if found is not None:
+                principal.MergeFrom(found)
+                break
+        if not principal.kind:
+            principal.kind = PrincipalKind.PRINCIPAL_KIND_ANONYMOUS
+        if not principal.auth_method:
+            principal.auth_method = AuthMethod.AUTH_METHOD_NONE
+
+    def _lineage(self, env: ExecutionEnvelope, inbound: str | bytes, peer: Peer) -> None:
+        flag = None
+        if not isinstance(inbound, bytes) or len(inbound) > k.MAX_PEER_ENVELOPE_BYTES:
+            flag = EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_OVERSIZED
+        elif self.config.trust_peer is None or not self.config.trust_peer(peer):
+            flag = EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_UNTRUSTED
+        else:
+            parent = EnvelopeContext()
+            try:
+                parent.ParseFromString(inbound)
+                valid = not protovalidate.collect_violations(parent) and parent.envelope_id != env.envelope_id
+            except DecodeError:
+                valid = False
+            if valid:
+                env.lineage.parent_envelope_id = parent.envelope_id
+                env.lineage.root_envelope_id = parent.root_envelope_id or parent.envelope_id
+                env.lineage.depth = parent.depth + 1
+                return
+            flag = EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_MALFORMED
+        env.flags.append(flag)
+
+    def _normalize(self, env: ExecutionEnvelope, plan: MethodPlan, request: Message | None) -> None:
+        found: Extraction | None = None
+        if plan.extractor is not None and request is not None:
+            try:
+                found = plan.extractor(request)
+            except Exception:  # a broken extractor records transport facts only
+                env.flags.append(EnvelopeFlag.ENVELOPE_FLAG_EXTRACTION_FAILED)
+        execution = env.execution
+        execution.kind = plan.kind
+        if found is not None:
+            execution.kind = found.kind or plan.kind
+            execution.target.CopyFrom(found.target)
+            env.scope.CopyFrom(found.scope)
+            model.record_requested(env, found.requested)
+            principal = env.principal
+            principal.tenant = principal.tenant or found.tenant
+            principal.project = principal.project or found.project
+        if request is not None and self.config.digest_requests:
+            execution.request_digest = "sha256:" + hashlib.sha256(request.SerializeToString()).hexdigest()
+        model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
+
+    def _admit(self, call: Call, plan: MethodPlan, request: Message | None) -> AbortStatus | None:
+        env = call.env
+        self._normalize(env, plan, request)
+        if call.denial is None and plan.action is Action.DENY:
+            call.denial = (
+                "extractor",
+                Deny(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "METHOD_NOT_MAPPED",
+                    f"{plan.method} is not mapped to an execution kind",
+                ),
+            )
+        if call.denial is not None:
+            policy, deny = call.denial
+            decision = env.decision
+            decision.outcome = DecisionOutcome.DECISION_OUTCOME_DENIED
+            decision.deciding_policy = policy
+            decision.reason_code = deny.reason_code
+            decision.message = deny.message
+            decision.denial_basis = deny.basis
+            decision.time.GetCurrentTime()
+            return self._refuse(call, policy, deny)
+        granted, denied = admit(env, self.policies, fail_open=self.config.fail_open)
+        if denied is not None:
+            return self._refuse(call, env.decision.deciding_policy, denied)
+        decision = env.decision
+        model.record_admission_grant(
+            env, granted, reason_code=decision.reason_code, reason=decision.message, actor=k.ACTOR_ADMISSION
+        )
+        model.transition(env, model.ADMITTED, actor=k.ACTOR_ADMISSION, reason=decision.reason_code)
+        self.metrics.record(env)
+        return None
+
+    def _refuse(self, call: Call, policy: str, deny: Deny) -> AbortStatus:
+        env = call.env
+        model.reject(
+            env, deny.reason_code, deny.message, status_code=deny.code.value[0], actor=k.ACTOR_ADMISSION
+        )
+        self.metrics.record(env)
+        status = abort_status(env, deny.code, deny.reason_code, deny.message, {"policy": policy})
+        self._emit(call)
+        return status
+
+    def trailers(self, call: Call) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata naming the envelope and its admission outcome."""
+        env = call.env
+        return (
+            (k.ENVELOPE_ID_METADATA, env.envelope_id),
+            (k.DECISION_METADATA, OUTCOME_NAMES[env.decision.outcome]),
+        )
+
+    # -- after the handler -------------------------------------------------------------
+
+    def end(self, call: Call, context: Any, error: BaseException | None = None) -> None:
+        """Record the terminal state from the handler's result and report the
+        envelope; ``error`` is what the handler raised, if anything."""
+        if call.ended:
+            return
+        env = call.env
+        if not model.is_terminal(env):
+            code, details = _status(context, error)
+            outcome = env.outcome
+            usage = outcome.usage
+            usage.request_messages = call.request_messages
+            usage.request_bytes = call.request_bytes
+            usage.response_messages = call.response_messages
+            usage.response_bytes = call.response_bytes
+            usage.duration_ms = (time.time_ns() - call.started_ns) // 1_000_000
+            outcome.status_code = code.value[0]
+            if details:
+                outcome.status_message = details[:1024]
+            if code is grpc.StatusCode.OK:
+                target = model.COMPLETED
+            elif code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                target = model.CANCELLED
+            else:
+                target = model.FAILED
+            model.transition(env, target, actor=k.ACTOR_COMPLETION, reason=code.name)
+            self._keep_trailers(call, context)
+        self._emit(call)
+
+    def _keep_trailers(self, call: Call, context: Any) -> None:
+        # A handler that sets its own trailing metadata replaces ours: add them back.
+        pairs = context.trailing_metadata() or ()
+        if not any(key == k.ENVELOPE_ID_METADATA for key, _ in pairs):
+            context.set_trailing_metadata((*pairs, *self.trailers(call)))
+
+    def _emit(self, call: Call) -> None:
+        call.ended = True
+        annotate(call.span, call.env)
+        if self.dispatcher is not None:
+            self.dispatcher.submit(call.env)
+
+    def sink_stats(self) -> SinkStats | None:
+        """The audit dispatcher's counters, when sinks are configured."""
+        return self.dispatcher.stats() if self.dispatcher is not None else None
+
+    def close(self) -> None:
+        """Flush and close the audit sinks."""
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+
+
+def _status(context: Any, error: BaseException | None) -> tuple[grpc.StatusCode, str]:
+    code = context.code()
+    details = context.details()
+    if isinstance(details, bytes):
+        details = details.decode("utf-8", "replace")
+    if isinstance(code, int):  # grpc.aio reports the numeric code
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    if code is not None and code is not grpc.StatusCode.OK:
+        return code, details or ""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit) or _cancelled(context):
+        if context.time_remaining() == 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+        return grpc.StatusCode.CANCELLED, "cancelled by the client"
+    if error is not None:
+        return grpc.StatusCode.UNKNOWN, f"{type(error).__name__}: {error}"
+    return grpc.StatusCode.OK, details or ""
+
+
+def _cancelled(context: Any) -> bool:
+    is_active = getattr(context, "is_active", None)  # grpc
+    if is_active is not None:
+        return not is_active()
+    cancelled = getattr(context, "cancelled", None)  # grpc.aio
+    return bool(cancelled()) if cancelled is not None else False
+
+
+def abort_status(
+    env: ExecutionEnvelope, code: grpc.StatusCode, reason_code: str, message: str, extra: Mapping[str, str]
+) -> AbortStatus:
+    """A status carrying a google.rpc.Status with an ErrorInfo (reason, domain,
+    the envelope id) and the envelope's trailers."""
+    info = error_details_pb2.ErrorInfo(
+        reason=reason_code, domain=k.ERROR_DOMAIN, metadata={"envelope_id": env.envelope_id, **extra}
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    rich = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    trailers = (
+        ("grpc-status-details-bin", rich.SerializeToString()),
+        (k.ENVELOPE_ID_METADATA, env.envelope_id),
+        (k.DECISION_METADATA, OUTCOME_NAMES[env.decision.outcome]),
+    )
+    return AbortStatus(code, message, trailers)
+
+
+def envelope_context(env: ExecutionEnvelope) -> bytes:
+    """The compact EnvelopeContext of ``env`` for downstream metadata."""
+    lineage = env.lineage
+    return EnvelopeContext(
+        envelope_id=env.envelope_id,
+        root_envelope_id=lineage.root_envelope_id,
+        depth=lineage.depth,
+        kind=env.execution.kind,
+    ).SerializeToString()

@@ -1,0 +1,255 @@
+"""The admission seam: policies, their verdicts, and how verdicts compose.
+
+A policy is a small callable that looks at an envelope (its requested
+resources, principal, execution and scope) and returns Allow, Narrow or Deny.
+Policies run in order: a Deny in enforce mode stops admission; Narrow caps
+compose as the per-dimension minimum; dry-run verdicts are recorded only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+
+from envelope_grpc._envelope import QUANTITIES, compare
+from envelope_grpc.v1.envelope_pb2 import (
+    DecisionOutcome,
+    DenialBasis,
+    EnforcementMode,
+    EnvelopeFlag,
+    ExecutionEnvelope,
+    ExecutionKind,
+    ResourceDimension,
+    Resources,
+)
+
+OUTCOME = DecisionOutcome
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Allow:
+    """Let the call through as asked."""
+
+    message: str = ""
+    rule_ids: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Narrow:
+    """Let the call through with less: every dimension set in ``caps`` is an
+    upper bound on the grant (an accelerator type replaces the asked one)."""
+
+    caps: Resources
+    reason_code: str
+    message: str
+    rule_ids: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Deny:
+    """Refuse the call with a gRPC status code and a reason."""
+
+    code: grpc.StatusCode
+    reason_code: str
+    message: str
+    basis: DenialBasis.ValueType = DenialBasis.DENIAL_BASIS_NOT_PERMITTED
+    rule_ids: tuple[str, ...] = ()
+
+
+Verdict = Allow | Narrow | Deny
+
+
+class Policy(Protocol):
+    """An admission policy: reads the envelope, returns a verdict."""
+
+    def __call__(self, envelope: ExecutionEnvelope, /) -> Verdict: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """A policy with its name and how it runs.
+
+    ``dry_run`` records the verdict and changes nothing. ``fail_open`` decides
+    what a raising policy means: None takes the interceptor's default (fail
+    closed unless configured), True lets the call through and marks it.
+    """
+
+    policy: Policy
+    name: str = ""
+    dry_run: bool = False
+    fail_open: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            name = getattr(self.policy, "name", None) or getattr(self.policy, "__name__", None)
+            object.__setattr__(self, "name", name or type(self.policy).__name__)
+
+
+def as_spec(policy: Policy | PolicySpec) -> PolicySpec:
+    """A PolicySpec for a bare policy, or the spec itself."""
+    return policy if isinstance(policy, PolicySpec) else PolicySpec(policy)
+
+
+POLICY_ERROR = "POLICY_ERROR"
+
+
+def _cap(granted: Resources, caps: Resources) -> None:
+    for name in QUANTITIES:
+        if caps.HasField(name) and (
+            not granted.HasField(name) or getattr(granted, name) > getattr(caps, name)
+        ):
+            setattr(granted, name, getattr(caps, name))
+    if caps.accelerator_type:
+        granted.accelerator_type = caps.accelerator_type
+
+
+def admit(
+    env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: bool
+) -> tuple[Resources, Deny | None]:
+    """Run ``policies`` over ``env`` and write the decision into it.
+
+    Returns the admission grant and, when refused, the enforced Deny (a
+    failing policy that fails closed becomes UNAVAILABLE / POLICY_ERROR).
+    """
+    decision = env.decision
+    granted = Resources()
+    granted.CopyFrom(env.requested)
+    denied: Deny | None = None
+    deciding: tuple[str, Narrow | Deny] | None = None
+    dry_runs = 0
+    for spec in policies:
+        started = time.perf_counter_ns()
+        record = decision.policies.add(policy=spec.name)
+        record.mode = (
+            EnforcementMode.ENFORCEMENT_MODE_DRY_RUN
+            if spec.dry_run
+            else EnforcementMode.ENFORCEMENT_MODE_ENFORCE
+        )
+        try:
+            verdict: Verdict = spec.policy(env)
+        except Exception as error:  # a policy's failure must not escape admission
+            record.error = f"{type(error).__name__}: {error}"
+            opens = fail_open if spec.fail_open is None else spec.fail_open
+            if opens:
+                record.fail_open = True
+                record.outcome = OUTCOME.DECISION_OUTCOME_ADMITTED
+                verdict = Allow()
+                if not spec.dry_run:
+                    decision.fail_open = True
+            else:
+                verdict = Deny(
+                    grpc.StatusCode.UNAVAILABLE,
+                    POLICY_ERROR,
+                    f"policy {spec.name} failed; the call is refused (fail closed)",
+                    DenialBasis.DENIAL_BASIS_ERROR,
+                )
+        record.duration_us = (time.perf_counter_ns() - started) // 1000
+        if isinstance(verdict, Allow):
+            record.outcome = OUTCOME.DECISION_OUTCOME_ADMITTED
+            record.message = verdict.message
+        else:
+            record.outcome = (
+                OUTCOME.DECISION_OUTCOME_DENIED
+                if isinstance(verdict, Deny)
+                else OUTCOME.DECISION_OUTCOME_NARROWED
+            )
+            record.reason_code = verdict.reason_code
+            record.message = verdict.message
+        record.rule_ids.extend(verdict.rule_ids)
+        if spec.dry_run:
+            dry_runs += 1
+            if isinstance(verdict, Deny) and EnvelopeFlag.ENVELOPE_FLAG_DRY_RUN_DENY not in env.flags:
+                env.flags.append(EnvelopeFlag.ENVELOPE_FLAG_DRY_RUN_DENY)
+            continue
+        if isinstance(verdict, Narrow):
+            _cap(granted, verdict.caps)
+            deciding = deciding or (spec.name, verdict)
+        elif isinstance(verdict, Deny):
+            denied = verdict
+            deciding = (spec.name, verdict)
+            break
+    if decision.fail_open and EnvelopeFlag.ENVELOPE_FLAG_FAIL_OPEN not in env.flags:
+        env.flags.append(EnvelopeFlag.ENVELOPE_FLAG_FAIL_OPEN)
+    decision.mode = (
+        EnforcementMode.ENFORCEMENT_MODE_DRY_RUN
+        if policies and dry_runs == len(policies)
+        else EnforcementMode.ENFORCEMENT_MODE_ENFORCE
+    )
+    if denied is not None:
+        decision.outcome = OUTCOME.DECISION_OUTCOME_DENIED
+        decision.denial_basis = denied.basis
+    else:
+        decision.outcome = compare(env.requested, granted)
+    if deciding is not None:
+        decision.deciding_policy, verdict = deciding
+        decision.reason_code = verdict.reason_code
+        decision.message = verdict.message
+    decision.time.GetCurrentTime()
+    return granted, denied
+
+
+# -- the built-in limits policy ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limit:
+    """A cap on one resource dimension, for one execution kind (or any: 0)
+    and one tenant (or any: empty)."""
+
+    dimension: ResourceDimension.ValueType
+    maximum: int
+    kind: ExecutionKind.ValueType = ExecutionKind.EXECUTION_KIND_UNSPECIFIED
+    tenant: str = ""
+    deny: bool = False
+
+
+class LimitsPolicy:
+    """Static limits per execution kind, tenant and resource dimension.
+
+    A request above a limit is narrowed to it, or denied with
+    RESOURCE_EXHAUSTED / LIMIT_EXCEEDED when the limit says ``deny``.
+    """
+
+    def __init__(self, limits: Sequence[Limit], *, name: str = "limits") -> None:
+        self.name = name
+        for limit in limits:
+            if limit.dimension not in _QUANTITY_FIELDS:
+                raise ValueError(f"not a quantity dimension: {limit.dimension}")
+            if limit.maximum < 0:
+                raise ValueError(f"a limit must not be negative: {limit}")
+        self._limits = tuple(limits)
+
+    def __call__(self, envelope: ExecutionEnvelope, /) -> Verdict:
+        kind = envelope.execution.kind
+        tenant = envelope.principal.tenant
+        requested = envelope.requested
+        caps = Resources()
+        notes: list[str] = []
+        for limit in self._limits:
+            if (limit.kind and limit.kind != kind) or (limit.tenant and limit.tenant != tenant):
+                continue
+            field = _QUANTITY_FIELDS[limit.dimension]
+            if not requested.HasField(field) or getattr(requested, field) <= limit.maximum:
+                continue
+            asked = getattr(requested, field)
+            what = f"{field} {asked} exceeds the limit of {limit.maximum} for {ExecutionKind.Name(kind)}"
+            if limit.deny:
+                return Deny(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "LIMIT_EXCEEDED",
+                    what,
+                    DenialBasis.DENIAL_BASIS_EXHAUSTED,
+                )
+            if not caps.HasField(field) or getattr(caps, field) > limit.maximum:
+                setattr(caps, field, limit.maximum)
+            notes.append(what)
+        if notes:
+            return Narrow(caps, "LIMIT_NARROWED", "; ".join(notes))
+        return Allow()
+
+
+_QUANTITY_FIELDS = {dimension: name for name, dimension in QUANTITIES.items()}

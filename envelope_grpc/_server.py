@@ -1,0 +1,118 @@
+"""The ``grpc`` server interceptor: a thin shell around the core."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+
+from envelope_grpc._core import CURRENT, Call, Core, EnvelopeConfig
+from envelope_grpc._extract import Action, MethodPlan
+from envelope_grpc._sinks import SinkStats
+
+if TYPE_CHECKING:
+    _Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+else:
+    _Handler = grpc.RpcMethodHandler
+_FACTORIES: dict[tuple[bool, bool], tuple[str, Callable[..., _Handler]]] = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def counted(call: Call, first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    """The request stream as the handler sees it: the peeked first message,
+    then the rest, each counted."""
+    if first is None:
+        return
+    yield first
+    for message in rest:
+        call.count_request(message)
+        yield message
+
+
+class EnvelopeServerInterceptor(grpc.ServerInterceptor):
+    """Builds, admits, traces and reports an execution envelope for every call.
+
+    Put OpenTelemetry's server interceptor before it (see server_interceptors).
+    """
+
+    def __init__(self, config: EnvelopeConfig | None = None) -> None:
+        self.core = Core(config or EnvelopeConfig())
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> _Handler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        plan = self.core.plan(details.method)
+        if plan.action is Action.SKIP:
+            return handler
+        return _wrap(self.core, plan, handler)
+
+    def sink_stats(self) -> SinkStats | None:
+        """The audit dispatcher's counters (None without sinks)."""
+        return self.core.sink_stats()
+
+    def close(self) -> None:
+        """Flush and close the audit sinks."""
+        self.core.close()
+
+
+def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
+    shape = (handler.request_streaming, handler.response_streaming)
+    name, factory = _FACTORIES[shape]
+    behavior = getattr(handler, name)
+    request_streaming = handler.request_streaming
+
+    def begin(request_or_iterator: Any, context: grpc.ServicerContext) -> tuple[Call, Any]:
+        if request_streaming:
+            first = next(request_or_iterator, None)
+            call, status = core.begin(plan, context, first)
+            argument = counted(call, first, request_or_iterator)
+        else:
+            call, status = core.begin(plan, context, request_or_iterator)
+            argument = request_or_iterator
+        if status is not None:
+            context.abort_with_status(status)
+        return call, argument
+
+    def unary_response(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
+        call, argument = begin(request_or_iterator, context)
+        token = CURRENT.set(call.env)
+        try:
+            response = behavior(argument, context)
+            call.count_response(response)
+        except BaseException as error:
+            core.end(call, context, error)
+            raise
+        finally:
+            CURRENT.reset(token)
+        core.end(call, context)
+        return response
+
+    def stream_response(request_or_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        call, argument = begin(request_or_iterator, context)
+        token = CURRENT.set(call.env)
+        try:
+            for response in behavior(argument, context):
+                call.count_response(response)
+                yield response
+        except BaseException as error:
+            core.end(call, context, error)
+            raise
+        finally:
+            CURRENT.reset(token)
+        core.end(call, context)
+
+    return factory(
+        stream_response if handler.response_streaming else unary_response,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -1,0 +1,143 @@
+"""Audit sinks, and the dispatcher that keeps them off the RPC path.
+
+A call hands its envelope to the dispatcher's bounded queue and returns; a
+background thread writes batches to every sink. A full queue drops the
+envelope and a failing sink loses its batch: both are counted, exposed by
+``stats()`` and logged, never silent and never an RPC error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import sys
+import threading
+from collections.abc import Sequence
+from typing import IO, Protocol
+
+from envelope_grpc._envelope import to_json
+from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope
+
+_log = logging.getLogger("envelope_grpc.sinks")
+
+
+class Sink(Protocol):
+    """Receives envelopes in batches, on the dispatcher's thread."""
+
+    def write(self, envelopes: Sequence[ExecutionEnvelope], /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SinkStats:
+    """Counts since the dispatcher started."""
+
+    submitted: int
+    written: int
+    dropped: int
+    failed: int
+    queued: int
+
+
+class SinkDispatcher:
+    """A bounded queue in front of ``sinks``, drained by one daemon thread."""
+
+    def __init__(self, sinks: Sequence[Sink], *, max_queue: int = 10_000, max_batch: int = 512) -> None:
+        self._sinks = tuple(sinks)
+        self._queue: queue.Queue[ExecutionEnvelope | None] = queue.Queue(max_queue)
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._submitted = self._written = self._dropped = self._failed = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="envelope-grpc-sinks", daemon=True)
+        self._thread.start()
+
+    def submit(self, envelope: ExecutionEnvelope) -> None:
+        """Queue ``envelope`` for every sink without blocking."""
+        with self._lock:
+            self._submitted += 1
+        try:
+            self._queue.put_nowait(envelope)
+        except queue.Full:
+            with self._lock:
+                self._dropped += 1
+                dropped = self._dropped
+            if dropped == 1 or dropped % 1000 == 0:
+                _log.warning("audit queue full: %d envelope(s) dropped so far", dropped)
+
+    def stats(self) -> SinkStats:
+        """What was submitted, written, dropped (queue full) and failed (sink error)."""
+        with self._lock:
+            return SinkStats(self._submitted, self._written, self._dropped, self._failed, self._queue.qsize())
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far was handed to the sinks."""
+        done = self._queue.all_tasks_done
+        with done:
+            return done.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, stop the thread, and close every sink."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception:
+                _log.exception("audit sink %r failed to close", sink)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [] if first is None else [first]
+            stop = first is None
+            while not stop and len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+            if batch:
+                self._write(batch)
+            for _ in range(len(batch) + (1 if stop else 0)):
+                self._queue.task_done()
+            if stop:
+                return
+
+    def _write(self, batch: list[ExecutionEnvelope]) -> None:
+        for sink in self._sinks:
+            try:
+                sink.write(batch)
+            except Exception:
+                with self._lock:
+                    self._failed += len(batch)
+                _log.exception("audit sink %r lost %d envelope(s)", sink, len(batch))
+            else:
+                with self._lock:
+                    self._written += len(batch)
+
+
+class JsonLinesSink:
+    """One proto3-JSON envelope per line, to a file (appended) or stdout ("-")."""
+
+    def __init__(self, path: str = "-") -> None:
+        self._stream: IO[str] = sys.stdout if path == "-" else open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self._owned = path != "-"
+
+    def write(self, envelopes: Sequence[ExecutionEnvelope], /) -> None:
+        """Append each envelope as one line and flush."""
+        self._stream.write("".join(to_json(env, indent=None).replace("\n", "") + "\n" for env in envelopes))
+        self._stream.flush()
+
+    def close(self) -> None:
+        """Close the file (stdout stays open)."""
+        if self._owned:
+            self._stream.close()

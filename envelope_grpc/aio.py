@@ -1,0 +1,195 @@
+"""The ``grpc.aio`` shells: server interceptor and client interceptors.
+
+Same core as the ``grpc`` ones; only awaiting differs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+import grpc.aio
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from envelope_grpc._client import with_envelope
+from envelope_grpc._core import CURRENT, AbortStatus, Call, Core, EnvelopeConfig
+from envelope_grpc._extract import Action, MethodPlan
+from envelope_grpc._server import _FACTORIES
+from envelope_grpc._sinks import SinkStats
+
+__all__ = [
+    "EnvelopeServerInterceptor",
+    "EnvelopeStreamStreamClientInterceptor",
+    "EnvelopeStreamUnaryClientInterceptor",
+    "EnvelopeUnaryStreamClientInterceptor",
+    "EnvelopeUnaryUnaryClientInterceptor",
+    "client_interceptors",
+    "server_interceptors",
+]
+
+if TYPE_CHECKING:
+    _Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+else:
+    _Handler = grpc.RpcMethodHandler
+
+
+async def _counted(call: Call, first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is None:
+        return
+    yield first
+    async for message in rest:
+        call.count_request(message)
+        yield message
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: AbortStatus) -> None:
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class EnvelopeServerInterceptor(grpc.aio.ServerInterceptor):
+    """Builds, admits, traces and reports an execution envelope for every call.
+
+    Put OpenTelemetry's aio server interceptor before it (see server_interceptors).
+    """
+
+    def __init__(self, config: EnvelopeConfig | None = None) -> None:
+        self.core = Core(config or EnvelopeConfig())
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> _Handler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        plan = self.core.plan(details.method)
+        if plan.action is Action.SKIP:
+            return handler
+        return _wrap(self.core, plan, handler)
+
+    def sink_stats(self) -> SinkStats | None:
+        """The audit dispatcher's counters (None without sinks)."""
+        return self.core.sink_stats()
+
+    def close(self) -> None:
+        """Flush and close the audit sinks."""
+        self.core.close()
+
+
+def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
+    name, factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    behavior = getattr(handler, name)
+    request_streaming = handler.request_streaming
+    yields = inspect.isasyncgenfunction(behavior)
+
+    async def begin(request_or_iterator: Any, context: Any) -> tuple[Call, Any]:
+        if request_streaming:
+            iterator = aiter(request_or_iterator)
+            first = await anext(iterator, None)
+            call, status = core.begin(plan, context, first)
+            argument: Any = _counted(call, first, iterator)
+        else:
+            call, status = core.begin(plan, context, request_or_iterator)
+            argument = request_or_iterator
+        if status is not None:
+            await _abort(context, status)
+        return call, argument
+
+    async def unary_response(request_or_iterator: Any, context: Any) -> Any:
+        call, argument = await begin(request_or_iterator, context)
+        CURRENT.set(call.env)  # each call runs in its own task, with its own context
+        try:
+            response = await behavior(argument, context)
+            call.count_response(response)
+        except BaseException as error:
+            core.end(call, context, error)
+            raise
+        core.end(call, context)
+        return response
+
+    async def stream_response(request_or_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        call, argument = await begin(request_or_iterator, context)
+        CURRENT.set(call.env)
+        try:
+            if yields:
+                async for response in behavior(argument, context):
+                    call.count_response(response)
+                    yield response
+            else:  # a handler that writes with context.write()
+                await behavior(argument, context)
+        except BaseException as error:
+            core.end(call, context, error)
+            raise
+        core.end(call, context)
+
+    return factory(
+        stream_response if handler.response_streaming else unary_response,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def server_interceptors(
+    config: EnvelopeConfig | None = None, *, tracer_provider: Any = None
+) -> list[grpc.aio.ServerInterceptor]:
+    """OpenTelemetry's aio server interceptor, then the envelope interceptor:
+    the order in which envelope attributes land on the call's span."""
+    return [aio_server_interceptor(tracer_provider=tracer_provider), EnvelopeServerInterceptor(config)]  # type: ignore[no-untyped-call]
+
+
+# -- client ----------------------------------------------------------------------------
+
+# grpc.aio files an interceptor under the first arity it matches, so each arity
+# gets its own small class; all share _details.
+
+
+def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    pairs = with_envelope(tuple(details.metadata) if details.metadata is not None else None)
+    return grpc.aio.ClientCallDetails(
+        details.method,
+        details.timeout,
+        grpc.aio.Metadata(*pairs) if pairs is not None else None,
+        details.credentials,
+        details.wait_for_ready,
+    )
+
+
+class EnvelopeUnaryUnaryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Carries the current envelope on unary-unary calls."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_details(details), request)
+
+
+class EnvelopeUnaryStreamClientInterceptor(grpc.aio.UnaryStreamClientInterceptor):
+    """Carries the current envelope on unary-stream calls."""
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_details(details), request)
+
+
+class EnvelopeStreamUnaryClientInterceptor(grpc.aio.StreamUnaryClientInterceptor):
+    """Carries the current envelope on stream-unary calls."""
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(_details(details), request_iterator)
+
+
+class EnvelopeStreamStreamClientInterceptor(grpc.aio.StreamStreamClientInterceptor):
+    """Carries the current envelope on stream-stream calls."""
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(_details(details), request_iterator)
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """One envelope client interceptor per arity, for ``grpc.aio.insecure_channel(..., interceptors=...)``."""
+    return [
+        EnvelopeUnaryUnaryClientInterceptor(),
+        EnvelopeUnaryStreamClientInterceptor(),
+        EnvelopeStreamUnaryClientInterceptor(),
+        EnvelopeStreamStreamClientInterceptor(),
+    ]

@@ -1,0 +1,1 @@
+"""A small annotated service of every RPC shape, for tests and benchmarks."""

@@ -1,0 +1,526 @@
+"""The server and client interceptors against real grpc and grpc.aio servers."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from envelope_grpc import (
+    Action,
+    Allow,
+    Deny,
+    EnvelopeConfig,
+    Extraction,
+    ExtractorRegistry,
+    Limit,
+    LimitsPolicy,
+    PolicySpec,
+    validate,
+)
+from envelope_grpc.testing.v1 import testing_pb2 as pb
+from envelope_grpc.v1.envelope_pb2 import (
+    DecisionOutcome,
+    EnforcementMode,
+    EnvelopeContext,
+    EnvelopeFlag,
+    ExecutionEnvelope,
+    ExecutionKind,
+    GrantStage,
+    LifecycleState,
+    ResourceDimension,
+    Target,
+)
+from tests.conftest import Backend
+
+SERVICE = "/envelope_grpc.testing.v1.ExecutionTestService"
+S = LifecycleState
+O = DecisionOutcome  # noqa: E741
+Start = Callable[..., Backend]
+
+
+def states(env: ExecutionEnvelope) -> list[str]:
+    return [S.Name(step.to).removeprefix("LIFECYCLE_STATE_") for step in env.lifecycle.transitions]
+
+
+def server_span(spans: InMemorySpanExporter, method: str, count: int = 1) -> ReadableSpan:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        found = [s for s in spans.get_finished_spans() if s.name == method and s.kind is SpanKind.SERVER]
+        if len(found) >= count:
+            return found[count - 1]
+        time.sleep(0.01)
+    raise AssertionError(f"no server span for {method}")
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info
+
+
+def trailers(call: Any) -> dict[str, str]:
+    return {key: value for key, value in call.trailing_metadata() if not key.endswith("-bin")}
+
+
+RUN = pb.RunRequest(
+    model="llama-3-8b",
+    version="7",
+    tenant="acme",
+    max_tokens=512,
+    accelerators=pb.Accelerators(count=2, type="nvidia-a100", memory_gib=40),
+    shards=[pb.Shard(replicas=2, dataset="wiki"), pb.Shard(replicas=3, dataset="books")],
+    region="eu-west",
+    classification="confidential",
+    engine="vllm",
+    purpose="support-bot",
+    behavior="ok",
+)
+
+
+def test_unary_call_builds_a_complete_envelope(backend: Start, spans: InMemorySpanExporter) -> None:
+    server = backend()
+    response, call = server.stub.Run.with_call(RUN, metadata=(("x-request-id", "req-123"),))
+    (env,) = server.envelopes(1)
+
+    assert response.envelope_id == env.envelope_id
+    assert env.request_id == "req-123"
+    assert env.execution.method == f"{SERVICE}/Run"
+    assert env.execution.kind == ExecutionKind.EXECUTION_KIND_INFERENCE
+    assert env.execution.target == Target(
+        type="model", name="llama-3-8b", version="7", attributes={"engine": "vllm"}
+    )
+    assert env.execution.request_digest == "sha256:" + hashlib.sha256(RUN.SerializeToString()).hexdigest()
+    assert env.principal.tenant == "acme"
+    assert env.principal.source_address.startswith("ipv4:127.0.0.1:")
+    assert env.principal.user_agent.startswith("grpc-python/")
+    requested = env.requested
+    assert (requested.tokens, requested.accelerator_count, requested.accelerator_type) == (
+        512,
+        2,
+        "nvidia-a100",
+    )
+    assert requested.accelerator_memory_bytes == 40 << 30
+    assert requested.replicas_max == 5
+    assert not requested.HasField("memory_bytes")
+    assert list(env.scope.datasets) == ["wiki", "books"]
+    assert (env.scope.region, env.scope.data_classification) == ("eu-west", 3)
+    assert dict(env.scope.hints) == {"purpose": "support-bot"}
+    assert states(env) == ["RECEIVED", "NORMALIZED", "ADMITTED", "COMPLETED"]
+    assert [step.actor for step in env.lifecycle.transitions] == [
+        "receiver",
+        "extractor",
+        "admission",
+        "completion",
+    ]
+    assert env.decision.outcome == O.DECISION_OUTCOME_ADMITTED
+    assert [(g.stage, g.outcome) for g in env.grants] == [
+        (GrantStage.GRANT_STAGE_ADMISSION, O.DECISION_OUTCOME_ADMITTED)
+    ]
+    assert env.outcome.status_code == 0
+    assert (env.outcome.usage.request_messages, env.outcome.usage.response_messages) == (1, 1)
+    assert env.outcome.usage.request_bytes == RUN.ByteSize()
+    assert validate(env) == []
+    assert trailers(call) == {
+        "x-execution-envelope-id": env.envelope_id,
+        "x-execution-envelope-decision": "admitted",
+    }
+
+    span = server_span(spans, f"{SERVICE}/Run")
+    assert env.trace_id == format(span.context.trace_id, "032x")
+    assert env.span_id == format(span.context.span_id, "016x")
+    attributes = {
+        key: value for key, value in (span.attributes or {}).items() if key.startswith("execution_envelope.")
+    }
+    assert attributes == {
+        "execution_envelope.id": env.envelope_id,
+        "execution_envelope.request_id": "req-123",
+        "execution_envelope.kind": "inference",
+        "execution_envelope.state": "completed",
+        "execution_envelope.decision.outcome": "admitted",
+        "execution_envelope.principal.kind": "anonymous",
+        "execution_envelope.principal.auth_method": "none",
+        "execution_envelope.principal.tenant": "acme",
+        "execution_envelope.status_code": 0,
+        "execution_envelope.target.type": "model",
+        "execution_envelope.target.name": "llama-3-8b",
+        "execution_envelope.target.version": "7",
+        "execution_envelope.scope.region": "eu-west",
+        "execution_envelope.scope.data_classification": "confidential",
+        "execution_envelope.requested.accelerator_count": 2,
+        "execution_envelope.requested.accelerator_memory_bytes": 40 << 30,
+        "execution_envelope.requested.replicas_max": 5,
+        "execution_envelope.requested.tokens": 512,
+        "execution_envelope.requested.accelerator_type": "nvidia-a100",
+        "execution_envelope.granted.accelerator_count": 2,
+        "execution_envelope.granted.accelerator_memory_bytes": 40 << 30,
+        "execution_envelope.granted.replicas_max": 5,
+        "execution_envelope.granted.tokens": 512,
+        "execution_envelope.granted.accelerator_type": "nvidia-a100",
+        "execution_envelope.usage.request_messages": 1,
+        "execution_envelope.usage.response_messages": 1,
+        "execution_envelope.usage.request_bytes": RUN.ByteSize(),
+        "execution_envelope.usage.response_bytes": response.ByteSize(),
+        "execution_envelope.usage.duration_ms": env.outcome.usage.duration_ms,
+    }
+    assert len(span.attributes or {}) < 64
+    events = [(e.name, dict(e.attributes or {})) for e in span.events]
+    assert events == [
+        ("execution_envelope.transition", {"from": "unspecified", "to": "received", "actor": "receiver"}),
+        ("execution_envelope.transition", {"from": "received", "to": "normalized", "actor": "extractor"}),
+        ("execution_envelope.transition", {"from": "normalized", "to": "admitted", "actor": "admission"}),
+        (
+            "execution_envelope.transition",
+            {"from": "admitted", "to": "completed", "actor": "completion", "reason": "OK"},
+        ),
+    ]
+
+
+def test_request_id_that_is_not_printable_ascii_is_replaced(backend: Start) -> None:
+    server = backend()
+    server.stub.Run(RUN, metadata=(("x-request-id", "bad id with spaces"),))
+    (env,) = server.envelopes(1)
+    assert env.request_id != "bad id with spaces"
+    assert len(env.request_id) == 32
+
+
+def test_handler_records_grant_and_binding(backend: Start) -> None:
+    server = backend()
+    server.stub.Run(pb.RunRequest(model="m", accelerators=pb.Accelerators(count=2), behavior="bind"))
+    (env,) = server.envelopes(1)
+    assert states(env) == ["RECEIVED", "NORMALIZED", "ADMITTED", "GRANTED", "BOUND", "COMPLETED"]
+    final = env.grants[1]
+    assert final.stage == GrantStage.GRANT_STAGE_BACKEND
+    assert final.outcome == O.DECISION_OUTCOME_WIDENED
+    assert (final.reason_code, final.resources.memory_bytes) == ("MEMORY_COMPUTED", 8 << 30)
+    assert (env.binding.node, list(env.binding.accelerator_indexes), env.binding.endpoint) == (
+        "node-a",
+        [0, 1],
+        "10.0.0.5:8001",
+    )
+    assert validate(env) == []
+
+
+def test_handler_usage_is_recorded(backend: Start) -> None:
+    server = backend()
+    server.stub.Run(pb.RunRequest(model="m", behavior="usage"))
+    (env,) = server.envelopes(1)
+    assert env.outcome.usage.tokens == 42
+
+
+def test_backend_rejection_aborts_with_error_info(backend: Start) -> None:
+    server = backend()
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(pb.RunRequest(model="m", behavior="reject"))
+    (env,) = server.envelopes(1)
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(caught.value)
+    assert (info.reason, info.domain, info.metadata["envelope_id"]) == (
+        "INSUFFICIENT_CAPACITY",
+        "envelope-grpc",
+        env.envelope_id,
+    )
+    assert states(env) == ["RECEIVED", "NORMALIZED", "ADMITTED", "REJECTED"]
+    assert env.outcome.reason_code == "INSUFFICIENT_CAPACITY"
+    assert validate(env) == []
+
+
+@pytest.mark.parametrize(
+    ("behavior", "code"),
+    [
+        ("fail", grpc.StatusCode.UNKNOWN),
+        ("abort", grpc.StatusCode.NOT_FOUND),
+        ("set_code", grpc.StatusCode.ALREADY_EXISTS),
+    ],
+)
+def test_handler_failure_is_recorded(backend: Start, behavior: str, code: grpc.StatusCode) -> None:
+    server = backend()
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(pb.RunRequest(model="m", behavior=behavior))
+    (env,) = server.envelopes(1)
+    assert caught.value.code() is code
+    assert states(env)[-1] == "FAILED"
+    assert env.outcome.status_code == code.value[0]
+    assert validate(env) == []
+    metadata = dict(caught.value.trailing_metadata())  # type: ignore[attr-defined]
+    assert metadata["x-execution-envelope-id"] == env.envelope_id
+    if behavior == "set_code":
+        assert metadata["x-handler"] == "own"
+
+
+def test_deadline_cancels_the_envelope(backend: Start) -> None:
+    server = backend()
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(pb.RunRequest(model="m", behavior="sleep"), timeout=0.1)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    (env,) = server.envelopes(1)
+    assert states(env)[-1] == "CANCELLED"
+    assert env.execution.HasField("deadline")
+    assert validate(env) == []
+
+
+def test_server_streaming_handler_sees_envelope_in_generator(backend: Start) -> None:
+    server = backend()
+    responses = list(server.stub.Watch(pb.WatchRequest(run=pb.RunRequest(model="m", count=3))))
+    (env,) = server.envelopes(1)
+    assert [r.run.index for r in responses] == [0, 1, 2]
+    assert {r.run.envelope_id for r in responses} == {env.envelope_id}
+    assert env.execution.kind == ExecutionKind.EXECUTION_KIND_EVALUATION
+    assert env.execution.target.name == "m"
+    assert env.outcome.usage.response_messages == 3
+    assert states(env)[-1] == "COMPLETED"
+
+
+def test_client_streaming_is_admitted_on_first_message_and_handler_gets_all(backend: Start) -> None:
+    server = backend()
+    chunks = [
+        pb.UploadRequest(
+            destination="s3-eu", declared_bytes=4096, classification="restricted", data=b"a" * 1024
+        ),
+        *[pb.UploadRequest(data=b"b" * 1024) for _ in range(3)],
+    ]
+    reply = server.stub.Upload(iter(chunks))
+    (env,) = server.envelopes(1)
+    assert (reply.chunks, reply.bytes, reply.envelope_id) == (4, 4096, env.envelope_id)
+    assert env.execution.kind == ExecutionKind.EXECUTION_KIND_DATA_MOVEMENT
+    assert (env.execution.target.type, env.execution.target.name) == ("store", "s3-eu")
+    assert env.requested.bytes == 4096
+    assert env.scope.data_classification == 4
+    usage = env.outcome.usage
+    assert (usage.request_messages, usage.request_bytes) == (4, sum(c.ByteSize() for c in chunks))
+    assert validate(env) == []
+
+
+def test_bidi_stream_counts_both_directions(backend: Start) -> None:
+    server = backend()
+    requests = [
+        pb.ExchangeRequest(chunk=pb.UploadRequest(destination="s", data=bytes([i]) * 10)) for i in range(5)
+    ]
+    replies = list(server.stub.Exchange(iter(requests)))
+    (env,) = server.envelopes(1)
+    assert [r.data for r in replies] == [r.chunk.data for r in requests]
+    assert env.execution.target.name == "s"
+    assert (env.outcome.usage.request_messages, env.outcome.usage.response_messages) == (5, 5)
+
+
+def test_unmapped_method_records_transport_facts(backend: Start) -> None:
+    server = backend()
+    server.stub.Ping(pb.PingRequest(text="hi"))
+    (env,) = server.envelopes(1)
+    assert env.execution.kind == ExecutionKind.EXECUTION_KIND_UNSPECIFIED
+    assert env.execution.method == f"{SERVICE}/Ping"
+    assert not env.HasField("requested")
+    assert states(env)[-1] == "COMPLETED"
+
+
+def test_unmapped_method_can_be_denied(backend: Start) -> None:
+    server = backend(EnvelopeConfig(extractors=ExtractorRegistry(unmapped=Action.DENY)))
+    assert server.stub.Run(RUN).envelope_id
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Ping(pb.PingRequest(text="hi"))
+    assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "METHOD_NOT_MAPPED"
+
+
+def test_skipped_method_builds_no_envelope(backend: Start) -> None:
+    registry = ExtractorRegistry(rules={f"{SERVICE}/P*": Action.SKIP})
+    server = backend(EnvelopeConfig(extractors=registry))
+    server.stub.Ping(pb.PingRequest(text="hi"))
+    server.stub.Run(RUN)
+    envelopes = server.envelopes(1)
+    time.sleep(0.05)
+    assert [env.execution.method for env in server.collector.envelopes] == [f"{SERVICE}/Run"]
+    assert len(envelopes) == 1
+
+
+def test_function_extractor_maps_a_foreign_proto(backend: Start) -> None:
+    registry = ExtractorRegistry()
+
+    def ping(request: Any) -> Extraction:
+        found = Extraction(kind=ExecutionKind.EXECUTION_KIND_CONTROL)
+        found.target.name = request.text
+        return found
+
+    registry.register(f"{SERVICE}/Ping", ping)
+    server = backend(EnvelopeConfig(extractors=registry))
+    server.stub.Ping(pb.PingRequest(text="status"))
+    (env,) = server.envelopes(1)
+    assert (env.execution.kind, env.execution.target.name) == (ExecutionKind.EXECUTION_KIND_CONTROL, "status")
+
+
+TOKENS = ResourceDimension.RESOURCE_DIMENSION_TOKENS
+INFERENCE = ExecutionKind.EXECUTION_KIND_INFERENCE
+
+
+def test_limits_policy_narrows_the_grant(backend: Start) -> None:
+    server = backend(EnvelopeConfig(policies=[LimitsPolicy([Limit(TOKENS, 100, kind=INFERENCE)])]))
+    _, call = server.stub.Run.with_call(RUN)
+    (env,) = server.envelopes(1)
+    assert env.requested.tokens == 512
+    assert env.grants[0].resources.tokens == 100
+    assert env.grants[0].resources.accelerator_count == 2
+    decision = env.decision
+    assert (decision.outcome, decision.deciding_policy, decision.reason_code) == (
+        O.DECISION_OUTCOME_NARROWED,
+        "limits",
+        "LIMIT_NARROWED",
+    )
+    assert decision.message == "tokens 512 exceeds the limit of 100 for EXECUTION_KIND_INFERENCE"
+    assert trailers(call)["x-execution-envelope-decision"] == "narrowed"
+    assert validate(env) == []
+
+
+def test_limits_policy_denies_with_status_and_error_info(backend: Start, spans: InMemorySpanExporter) -> None:
+    server = backend(EnvelopeConfig(policies=[LimitsPolicy([Limit(TOKENS, 100, deny=True)])]))
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(RUN)
+    (env,) = server.envelopes(1)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(caught.value)
+    assert (info.reason, info.domain) == ("LIMIT_EXCEEDED", "envelope-grpc")
+    assert dict(info.metadata) == {"envelope_id": env.envelope_id, "policy": "limits"}
+    metadata = dict(caught.value.trailing_metadata())  # type: ignore[attr-defined]
+    assert metadata["x-execution-envelope-id"] == env.envelope_id
+    assert metadata["x-execution-envelope-decision"] == "denied"
+    assert states(env) == ["RECEIVED", "NORMALIZED", "REJECTED"]
+    assert env.decision.outcome == O.DECISION_OUTCOME_DENIED
+    assert len(env.grants) == 0
+    assert validate(env) == []
+    span = server_span(spans, f"{SERVICE}/Run")
+    assert span.status.status_code is StatusCode.ERROR
+    assert (span.attributes or {})["execution_envelope.state"] == "rejected"
+
+
+def broken(envelope: ExecutionEnvelope, /) -> Allow:
+    raise RuntimeError("policy store unreachable")
+
+
+def test_raising_policy_fails_closed(backend: Start) -> None:
+    server = backend(EnvelopeConfig(policies=[broken]))
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(RUN)
+    (env,) = server.envelopes(1)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "POLICY_ERROR"
+    assert env.decision.policies[0].error == "RuntimeError: policy store unreachable"
+    assert not env.decision.fail_open
+    assert states(env)[-1] == "REJECTED"
+
+
+def test_raising_policy_fails_open_when_configured(backend: Start) -> None:
+    server = backend(EnvelopeConfig(policies=[broken], fail_open=True))
+    server.stub.Run(RUN)
+    (env,) = server.envelopes(1)
+    assert env.decision.fail_open
+    assert env.decision.policies[0].fail_open
+    assert list(env.flags) == [EnvelopeFlag.ENVELOPE_FLAG_FAIL_OPEN]
+    assert states(env)[-1] == "COMPLETED"
+
+
+def test_dry_run_policy_records_the_deny_it_would_make(backend: Start) -> None:
+    def deny_all(envelope: ExecutionEnvelope, /) -> Deny:
+        return Deny(grpc.StatusCode.PERMISSION_DENIED, "NOT_ALLOWED", "nobody may run models")
+
+    server = backend(EnvelopeConfig(policies=[PolicySpec(deny_all, dry_run=True)]))
+    server.stub.Run(RUN)
+    (env,) = server.envelopes(1)
+    verdict = env.decision.policies[0]
+    assert (verdict.policy, verdict.mode, verdict.outcome, verdict.reason_code) == (
+        "deny_all",
+        EnforcementMode.ENFORCEMENT_MODE_DRY_RUN,
+        O.DECISION_OUTCOME_DENIED,
+        "NOT_ALLOWED",
+    )
+    assert env.decision.outcome == O.DECISION_OUTCOME_ADMITTED
+    assert list(env.flags) == [EnvelopeFlag.ENVELOPE_FLAG_DRY_RUN_DENY]
+    assert states(env)[-1] == "COMPLETED"
+
+
+def test_works_without_opentelemetry_interceptor(backend: Start) -> None:
+    server = backend(traced=False)
+    server.stub.Run(RUN)
+    (env,) = server.envelopes(1)
+    assert (env.trace_id, env.span_id) == ("", "")
+    assert validate(env) == []
+
+
+def trusted(peer: Any) -> bool:
+    return bool(peer.address.startswith("ipv4:127.0.0.1:"))
+
+
+def test_chained_servers_give_one_trace_and_lineage(backend: Start, spans: InMemorySpanExporter) -> None:
+    downstream = backend(EnvelopeConfig(trust_peer=trusted))
+    upstream = backend(downstream=lambda: downstream.address)
+    reply = upstream.stub.Run(pb.RunRequest(model="agent", behavior="downstream"))
+    (parent,) = upstream.envelopes(1)
+    (child,) = downstream.envelopes(1)
+    assert reply.parent_envelope_id == parent.envelope_id
+    assert (child.lineage.parent_envelope_id, child.lineage.root_envelope_id, child.lineage.depth) == (
+        parent.envelope_id,
+        parent.envelope_id,
+        1,
+    )
+    assert child.trace_id == parent.trace_id != ""
+    assert list(child.flags) == []
+    assert validate(child) == []
+    child_span = server_span(spans, f"{SERVICE}/Run", count=1)
+    assert (child_span.attributes or {})["execution_envelope.parent_id"] == parent.envelope_id
+
+
+def test_peer_envelope_from_untrusted_peer_is_ignored_and_flagged(
+    backend: Start, spans: InMemorySpanExporter
+) -> None:
+    downstream = backend()
+    upstream = backend(downstream=lambda: downstream.address)
+    upstream.stub.Run(pb.RunRequest(model="agent", behavior="downstream"))
+    (child,) = downstream.envelopes(1)
+    assert child.lineage.parent_envelope_id == ""
+    assert list(child.flags) == [EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_UNTRUSTED]
+    assert states(child)[-1] == "COMPLETED"
+    span = server_span(spans, f"{SERVICE}/Run", count=1)
+    assert (span.attributes or {})["execution_envelope.flags"] == ("peer_envelope_untrusted",)
+
+
+@pytest.mark.parametrize(
+    ("header", "flag"),
+    [
+        (b"\xff\xff\xff", EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_MALFORMED),
+        (
+            EnvelopeContext(envelope_id="not-hex").SerializeToString(),
+            EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_MALFORMED,
+        ),
+        (
+            EnvelopeContext(envelope_id="a" * 32, depth=64).SerializeToString(),
+            EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_MALFORMED,
+        ),
+        (b"\x0a" * 600, EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_OVERSIZED),
+    ],
+)
+def test_bad_peer_envelope_is_ignored_and_flagged(backend: Start, header: bytes, flag: int) -> None:
+    server = backend(EnvelopeConfig(trust_peer=trusted))
+    server.stub.Run(RUN, metadata=(("x-execution-envelope-bin", header),))
+    (env,) = server.envelopes(1)
+    assert env.lineage.parent_envelope_id == ""
+    assert list(env.flags) == [flag]
+    assert states(env)[-1] == "COMPLETED"
+
+
+def test_peer_envelope_never_widens_the_grant(backend: Start) -> None:
+    parent = EnvelopeContext(envelope_id="b" * 32, kind=ExecutionKind.EXECUTION_KIND_AGENT_WORKFLOW)
+    server = backend(EnvelopeConfig(trust_peer=trusted, policies=[LimitsPolicy([Limit(TOKENS, 100)])]))
+    server.stub.Run(RUN, metadata=(("x-execution-envelope-bin", parent.SerializeToString()),))
+    (env,) = server.envelopes(1)
+    assert env.lineage.parent_envelope_id == "b" * 32
+    assert env.grants[0].resources.tokens == 100
+    assert env.execution.kind == ExecutionKind.EXECUTION_KIND_INFERENCE
