@@ -1,0 +1,137 @@
+"""Audit sinks, their loss accounting, metrics, and the public surface."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import threading
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import envelope_grpc
+import envelope_grpc.aio
+from envelope_grpc import (
+    EnvelopeConfig,
+    JsonLinesSink,
+    Limit,
+    LimitsPolicy,
+    SinkDispatcher,
+    from_json,
+    new_envelope,
+)
+from envelope_grpc.testing.v1 import testing_pb2 as pb
+from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope, ResourceDimension
+from tests.conftest import Backend
+
+
+def test_json_lines_sink_writes_one_envelope_per_line(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    dispatcher = SinkDispatcher([JsonLinesSink(str(path))])
+    envelopes = [new_envelope("/a.B/C") for _ in range(3)]
+    for env in envelopes:
+        dispatcher.submit(env)
+    dispatcher.close()
+    lines = path.read_text().splitlines()
+    assert [from_json(line) for line in lines] == envelopes
+    assert all(json.loads(line)["schemaVersion"] == "1.0" for line in lines)
+    assert dispatcher.stats() == envelope_grpc.SinkStats(
+        submitted=3, written=3, dropped=0, failed=0, queued=0
+    )
+
+
+class Failing:
+    def write(self, envelopes: Any, /) -> None:
+        raise OSError("disk full")
+
+    def close(self) -> None:
+        pass
+
+
+class Blocking:
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.written = 0
+
+    def write(self, envelopes: Any, /) -> None:
+        self.release.wait(5)
+        self.written += len(envelopes)
+
+    def close(self) -> None:
+        pass
+
+
+def test_failing_sink_is_counted_not_raised() -> None:
+    dispatcher = SinkDispatcher([Failing()])
+    dispatcher.submit(new_envelope("/a.B/C"))
+    assert dispatcher.flush()
+    assert dispatcher.stats().failed == 1
+    assert dispatcher.stats().written == 0
+    dispatcher.close()
+
+
+def test_full_queue_drops_are_counted_and_submit_never_blocks() -> None:
+    sink = Blocking()
+    dispatcher = SinkDispatcher([sink], max_queue=2, max_batch=1)
+    for _ in range(10):
+        dispatcher.submit(new_envelope("/a.B/C"))
+    stats = dispatcher.stats()
+    sink.release.set()
+    dispatcher.close()
+    assert stats.submitted == 10
+    assert 7 <= stats.dropped <= 8  # one may be in the sink's hands, two queued
+    assert sink.written + stats.dropped == 10
+
+
+def test_sink_errors_never_fail_the_call(backend: Any) -> None:
+    server: Backend = backend(EnvelopeConfig(sinks=[Failing()]))
+    reply = server.stub.Run(pb.RunRequest(model="m"))
+    (env,) = server.envelopes(1)
+    assert reply.envelope_id == env.envelope_id
+    assert server.interceptor.core.dispatcher.flush()
+    stats = server.interceptor.sink_stats()
+    assert stats is not None
+    assert stats.failed == 1
+
+
+def test_admission_metrics(backend: Any) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    limits = LimitsPolicy([Limit(ResourceDimension.RESOURCE_DIMENSION_TOKENS, 100)])
+    server: Backend = backend(EnvelopeConfig(policies=[limits], meter_provider=provider))
+    server.stub.Run(pb.RunRequest(model="m", tenant="acme", max_tokens=500))
+    server.stub.Run(pb.RunRequest(model="m", tenant="acme", max_tokens=50))
+    server.envelopes(2)
+    data = reader.get_metrics_data()
+    assert data is not None
+    points: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
+    for resource_metrics in data.resource_metrics:
+        for scope in resource_metrics.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    points[(metric.name, tuple(sorted(point.attributes.items())))] = point.value
+
+    def value(name: str, **attributes: str) -> Any:
+        labels = {"kind": "inference", "tenant": "acme", **attributes}
+        return points[(name, tuple(sorted((f"execution_envelope.{k}", v) for k, v in labels.items())))]
+
+    assert value("execution_envelope.admissions", outcome="narrowed") == 1
+    assert value("execution_envelope.admissions", outcome="admitted") == 1
+    assert value("execution_envelope.resources.requested", dimension="tokens") == 550
+    assert value("execution_envelope.resources.granted", dimension="tokens") == 150
+    provider.shutdown()
+
+
+@pytest.mark.parametrize("module", [envelope_grpc, envelope_grpc.aio])
+def test_public_surface_is_sorted_and_importable(module: Any) -> None:
+    assert module.__all__ == sorted(module.__all__)
+    for name in module.__all__:
+        assert getattr(module, name) is not None
+
+
+def test_current_envelope_is_none_outside_a_call() -> None:
+    assert envelope_grpc.current_envelope() is None
+    with pytest.raises(RuntimeError, match="not inside a call"):
+        envelope_grpc.record_usage(ExecutionEnvelope().outcome.usage)
