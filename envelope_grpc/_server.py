@@ -34,27 +34,20 @@ def counted(call: Call, first: Any, rest: Iterator[Any]) -> Iterator[Any]:
         yield message
 
 
-class EnvelopeServerInterceptor(grpc.ServerInterceptor):
-    """Builds, admits, traces and reports an execution envelope for every call.
-
-    Put OpenTelemetry's server interceptor before it (see server_interceptors).
-    """
+class InterceptorBase:
+    """What the grpc and grpc.aio server interceptors share: the core, the
+    per-method decision to wrap or pass through, and the sink accessors."""
 
     def __init__(self, config: EnvelopeConfig | None = None) -> None:
         self.core = Core(config or EnvelopeConfig())
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
-        details: grpc.HandlerCallDetails,
+    def _intercept(
+        self, handler: _Handler | None, method: str, wrap: Callable[[Core, MethodPlan, _Handler], _Handler]
     ) -> _Handler | None:
-        handler = continuation(details)
         if handler is None:
             return None
-        plan = self.core.plan(details.method)
-        if plan.action is Action.SKIP:
-            return handler
-        return _wrap(self.core, plan, handler)
+        plan = self.core.plan(method)
+        return handler if plan.action is Action.SKIP else wrap(self.core, plan, handler)
 
     def sink_stats(self) -> SinkStats | None:
         """The audit dispatcher's counters (None without sinks)."""
@@ -63,6 +56,20 @@ class EnvelopeServerInterceptor(grpc.ServerInterceptor):
     def close(self) -> None:
         """Flush and close the audit sinks."""
         self.core.close()
+
+
+class EnvelopeServerInterceptor(InterceptorBase, grpc.ServerInterceptor):
+    """Builds, admits, traces and reports an execution envelope for every call.
+
+    Put OpenTelemetry's server interceptor before it (see server_interceptors).
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> _Handler | None:
+        return self._intercept(continuation(details), details.method, _wrap)
 
 
 def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:

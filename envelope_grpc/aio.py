@@ -15,9 +15,8 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from envelope_grpc._client import with_envelope
 from envelope_grpc._core import CURRENT, AbortStatus, Call, Core, EnvelopeConfig
-from envelope_grpc._extract import Action, MethodPlan
-from envelope_grpc._server import _FACTORIES
-from envelope_grpc._sinks import SinkStats
+from envelope_grpc._extract import MethodPlan
+from envelope_grpc._server import _FACTORIES, InterceptorBase
 
 __all__ = [
     "EnvelopeServerInterceptor",
@@ -48,35 +47,18 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: AbortStatu
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-class EnvelopeServerInterceptor(grpc.aio.ServerInterceptor):
+class EnvelopeServerInterceptor(InterceptorBase, grpc.aio.ServerInterceptor):
     """Builds, admits, traces and reports an execution envelope for every call.
 
     Put OpenTelemetry's aio server interceptor before it (see server_interceptors).
     """
-
-    def __init__(self, config: EnvelopeConfig | None = None) -> None:
-        self.core = Core(config or EnvelopeConfig())
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         details: grpc.HandlerCallDetails,
     ) -> _Handler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        plan = self.core.plan(details.method)
-        if plan.action is Action.SKIP:
-            return handler
-        return _wrap(self.core, plan, handler)
-
-    def sink_stats(self) -> SinkStats | None:
-        """The audit dispatcher's counters (None without sinks)."""
-        return self.core.sink_stats()
-
-    def close(self) -> None:
-        """Flush and close the audit sinks."""
-        self.core.close()
+        return self._intercept(await continuation(details), details.method, _wrap)
 
 
 def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
