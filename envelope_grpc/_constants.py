@@ -19,7 +19,6 @@ MAX_PEER_ENVELOPE_BYTES: Final = 512
 
 #: Namespace of every span attribute, span event and metric.
 NAMESPACE: Final = "execution_envelope"
-TRANSITION_EVENT: Final = f"{NAMESPACE}.transition"
 
 # Span attribute keys, one table (see _telemetry.attributes).
 ATTR_ID: Final = f"{NAMESPACE}.id"
@@ -44,7 +43,6 @@ ATTR_REASON: Final = f"{NAMESPACE}.decision.reason_code"
 ATTR_MODE: Final = f"{NAMESPACE}.decision.mode"
 ATTR_FAIL_OPEN: Final = f"{NAMESPACE}.decision.fail_open"
 ATTR_STATE: Final = f"{NAMESPACE}.state"
-ATTR_STATUS: Final = f"{NAMESPACE}.status_code"
 ATTR_FLAGS: Final = f"{NAMESPACE}.flags"
 ATTR_REQUESTED_PREFIX: Final = f"{NAMESPACE}.requested."
 ATTR_GRANTED_PREFIX: Final = f"{NAMESPACE}.granted."

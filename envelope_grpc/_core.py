@@ -30,15 +30,21 @@ from envelope_grpc._extract import Action, Extraction, ExtractorRegistry, Method
 from envelope_grpc._policy import Deny, Policy, PolicySpec, admit, as_spec
 from envelope_grpc._sinks import Sink, SinkDispatcher, SinkStats
 from envelope_grpc._telemetry import OUTCOME_NAMES, Metrics, annotate
+from envelope_grpc._values import (
+    AUTH_NONE,
+    BASIS_ERROR,
+    BASIS_INVALID,
+    FLAG_EXTRACTION_FAILED,
+    FLAG_PEER_ENVELOPE_MALFORMED,
+    FLAG_PEER_ENVELOPE_OVERSIZED,
+    FLAG_PEER_ENVELOPE_UNTRUSTED,
+    OUTCOME_DENIED,
+    PRINCIPAL_ANONYMOUS,
+)
 from envelope_grpc.v1.envelope_pb2 import (
-    AuthMethod,
-    DecisionOutcome,
-    DenialBasis,
     EnvelopeContext,
-    EnvelopeFlag,
     ExecutionEnvelope,
     Principal,
-    PrincipalKind,
 )
 
 #: The envelope of the call being handled, for the handler API.
@@ -97,6 +103,8 @@ class EnvelopeConfig:
     fail-open). ``resolvers`` are tried in order; the first principal wins and
     the caller is anonymous when none answers. A peer's envelope becomes
     lineage only when ``trust_peer`` says so; by default no peer is trusted.
+    The first request message is digested (SHA-256) when it is at most
+    ``digest_max_bytes`` long; 0 turns digests off.
     """
 
     extractors: ExtractorRegistry = dataclasses.field(default_factory=ExtractorRegistry)
@@ -105,7 +113,7 @@ class EnvelopeConfig:
     sinks: Sequence[Sink] = ()
     trust_peer: TrustPeer | None = None
     fail_open: bool = False
-    digest_requests: bool = True
+    digest_max_bytes: int = 1 << 20
     meter_provider: metrics.MeterProvider | None = None
     max_sink_queue: int = 10_000
 
@@ -222,7 +230,7 @@ class Core:
             env.span_id = format(span_context.span_id, "016x")
         remaining = context.time_remaining()
         if remaining is not None and remaining < _NO_DEADLINE:
-            env.execution.deadline.FromNanoseconds(now + int(remaining * 1e9))
+            model.stamp(env.execution.deadline, now + int(remaining * 1e9))
         call = Call(env, span, now)
         peer = Peer(context.peer() or "", {})
         if self.config.resolvers or self.config.trust_peer is not None:
@@ -239,46 +247,41 @@ class Core:
         agent = metadata.get("user-agent")
         if isinstance(agent, str):
             principal.user_agent = agent[:512]
-        info = CallInfo(method, metadata, peer)
+        if self.config.resolvers:
+            call.denial = self._resolve(principal, CallInfo(method, metadata, peer))
+        if not principal.kind:
+            principal.kind = PRINCIPAL_ANONYMOUS
+        if not principal.auth_method:
+            principal.auth_method = AUTH_NONE
+
+    def _resolve(self, principal: Principal, info: CallInfo) -> tuple[str, Deny] | None:
+        """Ask the resolvers in order; the first principal wins. A refusal or
+        a failing resolver is an UNAUTHENTICATED denial."""
         for resolver in self.config.resolvers:
             try:
                 found = resolver(info)
             except Unauthenticated as refused:
-                call.denial = (
-                    "identity",
-                    Deny(
-                        grpc.StatusCode.UNAUTHENTICATED,
-                        refused.reason_code,
-                        refused.message,
-                        DenialBasis.DENIAL_BASIS_INVALID,
-                    ),
+                return "identity", Deny(
+                    grpc.StatusCode.UNAUTHENTICATED, refused.reason_code, refused.message, BASIS_INVALID
                 )
-                break
             except Exception as error:  # an identity source that fails must not admit anyone
-                call.denial = (
-                    "identity",
-                    Deny(
-                        grpc.StatusCode.UNAUTHENTICATED,
-                        "IDENTITY_ERROR",
-                        f"identity could not be resolved ({type(error).__name__})",
-                        DenialBasis.DENIAL_BASIS_ERROR,
-                    ),
+                return "identity", Deny(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "IDENTITY_ERROR",
+                    f"identity could not be resolved ({type(error).__name__})",
+                    BASIS_ERROR,
                 )
-                break
             if found is not None:
                 principal.MergeFrom(found)
-                break
-        if not principal.kind:
-            principal.kind = PrincipalKind.PRINCIPAL_KIND_ANONYMOUS
-        if not principal.auth_method:
-            principal.auth_method = AuthMethod.AUTH_METHOD_NONE
+                return None
+        return None
 
     def _lineage(self, env: ExecutionEnvelope, inbound: str | bytes, peer: Peer) -> None:
         flag = None
         if not isinstance(inbound, bytes) or len(inbound) > k.MAX_PEER_ENVELOPE_BYTES:
-            flag = EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_OVERSIZED
+            flag = FLAG_PEER_ENVELOPE_OVERSIZED
         elif self.config.trust_peer is None or not self.config.trust_peer(peer):
-            flag = EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_UNTRUSTED
+            flag = FLAG_PEER_ENVELOPE_UNTRUSTED
         else:
             parent = EnvelopeContext()
             try:
@@ -291,7 +294,7 @@ class Core:
                 env.lineage.root_envelope_id = parent.root_envelope_id or parent.envelope_id
                 env.lineage.depth = parent.depth + 1
                 return
-            flag = EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_MALFORMED
+            flag = FLAG_PEER_ENVELOPE_MALFORMED
         env.flags.append(flag)
 
     def _normalize(self, env: ExecutionEnvelope, plan: MethodPlan, request: Message | None) -> None:
@@ -300,7 +303,7 @@ class Core:
             try:
                 found = plan.extractor(request)
             except Exception:  # a broken extractor records transport facts only
-                env.flags.append(EnvelopeFlag.ENVELOPE_FLAG_EXTRACTION_FAILED)
+                env.flags.append(FLAG_EXTRACTION_FAILED)
         execution = env.execution
         execution.kind = plan.kind
         if found is not None:
@@ -311,7 +314,7 @@ class Core:
             principal = env.principal
             principal.tenant = principal.tenant or found.tenant
             principal.project = principal.project or found.project
-        if request is not None and self.config.digest_requests:
+        if request is not None and 0 < request.ByteSize() <= self.config.digest_max_bytes:
             execution.request_digest = "sha256:" + hashlib.sha256(request.SerializeToString()).hexdigest()
         model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
 
@@ -330,12 +333,12 @@ class Core:
         if call.denial is not None:
             policy, deny = call.denial
             decision = env.decision
-            decision.outcome = DecisionOutcome.DECISION_OUTCOME_DENIED
+            decision.outcome = OUTCOME_DENIED
             decision.deciding_policy = policy
             decision.reason_code = deny.reason_code
             decision.message = deny.message
             decision.denial_basis = deny.basis
-            decision.time.GetCurrentTime()
+            model.stamp(decision.time, time.time_ns())
             return self._refuse(call, policy, deny)
         granted, denied = admit(env, self.policies, fail_open=self.config.fail_open)
         if denied is not None:
@@ -392,7 +395,9 @@ class Core:
                 target = model.CANCELLED
             else:
                 target = model.FAILED
-            model.transition(env, target, actor=k.ACTOR_COMPLETION, reason=code.name)
+            model.transition(
+                env, target, actor=k.ACTOR_COMPLETION, reason="" if code is grpc.StatusCode.OK else code.name
+            )
             self._keep_trailers(call, context)
         self._emit(call)
 

@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import fnmatch
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from google.protobuf import descriptor_pool
@@ -21,11 +21,13 @@ from google.protobuf.message import Message
 
 from envelope_grpc._constants import DEFAULT_SKIPPED
 from envelope_grpc._envelope import DIMENSION_FIELDS
+from envelope_grpc._values import (
+    DIMENSION_ACCELERATOR_TYPE,
+)
 from envelope_grpc.v1 import options_pb2
 from envelope_grpc.v1.envelope_pb2 import (
     DataClassification,
     ExecutionKind,
-    ResourceDimension,
     Resources,
     Scope,
     Target,
@@ -151,7 +153,20 @@ def _find_method(pool: descriptor_pool.DescriptorPool, method: str) -> MethodDes
 # -- declarative extraction -------------------------------------------------------
 
 _MAX_DEPTH: Final = 8
-_Path = tuple[FieldDescriptor, ...]
+_Apply = Callable[[Extraction, Any], None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Node:
+    """One request field on the way to annotated fields, compiled once."""
+
+    name: str
+    repeated: bool
+    presence: bool
+    default: Any
+    enum_names: Mapping[int, str] | None
+    apply: _Apply | None
+    children: tuple[_Node, ...]
 
 
 def declarative_plan(method: str, descriptor: MethodDescriptor) -> MethodPlan | None:
@@ -159,56 +174,91 @@ def declarative_plan(method: str, descriptor: MethodDescriptor) -> MethodPlan | 
     request type, or None when neither is annotated."""
     options = descriptor.GetOptions()
     rule = options.Extensions[options_pb2.method] if options.HasExtension(options_pb2.method) else None
-    leaves = _leaves(descriptor.input_type, (), frozenset())
-    if rule is None and not leaves:
+    nodes = _compile(descriptor.input_type, frozenset(), 0)
+    if rule is None and not nodes:
         return None
     if rule is not None and rule.skip:
         return MethodPlan(method, Action.SKIP)
     kind = rule.kind if rule is not None else ExecutionKind.EXECUTION_KIND_UNSPECIFIED
     target_type = rule.target_type if rule is not None else ""
-    return MethodPlan(method, Action.RECORD, _DeclaredExtractor(kind, target_type, leaves), kind)
+    return MethodPlan(method, Action.RECORD, _DeclaredExtractor(kind, target_type, nodes), kind)
 
 
-def _leaves(message: Descriptor, path: _Path, seen: frozenset[str]) -> list[tuple[_Path, FieldRule]]:
-    found: list[tuple[_Path, FieldRule]] = []
+def _compile(message: Descriptor, seen: frozenset[str], depth: int) -> tuple[_Node, ...]:
+    nodes: list[_Node] = []
     for field in message.fields:
         options = field.GetOptions()
-        here = (*path, field)
-        if options.HasExtension(options_pb2.field):
-            found.append((here, options.Extensions[options_pb2.field]))
-        elif (
-            field.message_type is not None
-            and not field.message_type.GetOptions().map_entry
-            and field.message_type.full_name not in seen
-            and not field.message_type.full_name.startswith("google.protobuf.")
-            and len(here) < _MAX_DEPTH
+        apply = (
+            _applier(options.Extensions[options_pb2.field])
+            if options.HasExtension(options_pb2.field)
+            else None
+        )
+        children: tuple[_Node, ...] = ()
+        nested = field.message_type
+        if (
+            apply is None
+            and nested is not None
+            and not nested.GetOptions().map_entry
+            and nested.full_name not in seen
+            and not nested.full_name.startswith("google.protobuf.")
+            and depth + 1 < _MAX_DEPTH
         ):
-            found += _leaves(field.message_type, here, seen | {message.full_name})
-    return found
+            children = _compile(nested, seen | {message.full_name}, depth + 1)
+        if apply is None and not children:
+            continue
+        enum = field.enum_type
+        nodes.append(
+            _Node(
+                name=field.name,
+                repeated=field.label == FieldDescriptor.LABEL_REPEATED,
+                presence=field.has_presence,
+                default=field.default_value,
+                enum_names={v.number: v.name for v in enum.values} if enum is not None else None,
+                apply=apply,
+                children=children,
+            )
+        )
+    return tuple(nodes)
 
 
-def _values(message: Message, path: _Path) -> Iterator[Any]:
-    """Every set value at ``path``, descending through repeated fields."""
-    field, rest = path[0], path[1:]
-    if field.label == FieldDescriptor.LABEL_REPEATED:
-        items: Sequence[Any] = getattr(message, field.name)
-    elif field.has_presence:
-        if not message.HasField(field.name):
-            return
-        items = (getattr(message, field.name),)
-    else:
-        value = getattr(message, field.name)
-        if value == field.default_value:
-            return
-        items = (value,)
-    for item in items:
-        if rest:
-            yield from _values(item, rest)
-        elif field.enum_type is not None:
-            entry = field.enum_type.values_by_number.get(item)
-            yield item if entry is None else entry.name
+def _walk(found: Extraction, message: Message, nodes: tuple[_Node, ...]) -> None:
+    for node in nodes:
+        if node.repeated:
+            items: Sequence[Any] = getattr(message, node.name)
+        elif node.presence:
+            if not message.HasField(node.name):
+                continue
+            items = (getattr(message, node.name),)
         else:
-            yield item
+            value = getattr(message, node.name)
+            if value == node.default:
+                continue
+            items = (value,)
+        for item in items:
+            if node.apply is None:
+                _walk(found, item, node.children)
+            elif node.enum_names is not None:
+                node.apply(found, node.enum_names.get(item, item))
+            else:
+                node.apply(found, item)
+
+
+class _DeclaredExtractor:
+    """Applies the field rules found on a request type."""
+
+    __slots__ = ("kind", "nodes", "target_type")
+
+    def __init__(self, kind: ExecutionKind.ValueType, target_type: str, nodes: tuple[_Node, ...]) -> None:
+        self.kind = kind
+        self.target_type = target_type
+        self.nodes = nodes
+
+    def __call__(self, request: Message) -> Extraction:
+        found = Extraction(kind=self.kind)
+        if self.target_type:
+            found.target.type = self.target_type
+        _walk(found, request, self.nodes)
+        return found
 
 
 def _text(value: Any) -> str:
@@ -225,68 +275,87 @@ def _classification(value: Any) -> DataClassification.ValueType:
     return DataClassification.DATA_CLASSIFICATION_UNSPECIFIED
 
 
-class _DeclaredExtractor:
-    """Applies the field rules found on a request type."""
+def _set_once(
+    holder: Callable[[Extraction], Any], part: str, convert: Callable[[Any], Any] = _text
+) -> _Apply:
+    """An applier for a single-valued destination: the first value wins."""
 
-    __slots__ = ("kind", "leaves", "target_type")
+    def apply(found: Extraction, value: Any) -> None:
+        target = holder(found)
+        if not getattr(target, part):
+            setattr(target, part, convert(value))
 
-    def __init__(
-        self, kind: ExecutionKind.ValueType, target_type: str, leaves: list[tuple[_Path, FieldRule]]
-    ) -> None:
-        self.kind = kind
-        self.target_type = target_type
-        self.leaves = leaves
-
-    def __call__(self, request: Message) -> Extraction:
-        found = Extraction(kind=self.kind)
-        if self.target_type:
-            found.target.type = self.target_type
-        for path, rule in self.leaves:
-            for value in _values(request, path):
-                _apply(found, rule, value)
-        return found
+    return apply
 
 
-def _apply(found: Extraction, rule: FieldRule, value: Any) -> None:
+def _target(found: Extraction) -> Target:
+    return found.target
+
+
+def _scope(found: Extraction) -> Scope:
+    return found.scope
+
+
+def _requested(found: Extraction) -> Resources:
+    return found.requested
+
+
+def _itself(found: Extraction) -> Extraction:
+    return found
+
+
+def _applier(rule: FieldRule) -> _Apply:
+    """A function that writes one value where ``rule`` says it goes."""
     destination = rule.WhichOneof("destination")
     if destination == "target":
-        name = "name" if rule.target == TargetField.TARGET_FIELD_NAME else "version"
-        if not getattr(found.target, name):
-            setattr(found.target, name, _text(value))
-    elif destination == "target_attribute":
-        found.target.attributes.setdefault(rule.target_attribute, _text(value))
-    elif destination == "principal":
-        if rule.principal == PrincipalField.PRINCIPAL_FIELD_TENANT:
-            found.tenant = found.tenant or _text(value)
-        elif rule.principal == PrincipalField.PRINCIPAL_FIELD_PROJECT:
-            found.project = found.project or _text(value)
-    elif destination == "resource":
-        _add_resource(found.requested, rule, value)
-    elif destination == "scope":
-        _add_scope(found.scope, rule.scope, value)
-    elif destination == "hint":
-        found.scope.hints[rule.hint] = _text(value)
+        return _set_once(_target, "name" if rule.target == TargetField.TARGET_FIELD_NAME else "version")
+    if destination == "principal":
+        return _set_once(
+            _itself, "tenant" if rule.principal == PrincipalField.PRINCIPAL_FIELD_TENANT else "project"
+        )
+    if destination == "resource":
+        return _resource_applier(rule)
+    if destination == "scope":
+        return _scope_applier(rule.scope)
+    if destination in ("target_attribute", "hint"):
+        key = rule.target_attribute if destination == "target_attribute" else rule.hint
+        overwrite = destination == "hint"
+
+        def put(found: Extraction, value: Any) -> None:
+            entries = found.target.attributes if not overwrite else found.scope.hints
+            if overwrite or key not in entries:
+                entries[key] = _text(value)
+
+        return put
+    raise ValueError(f"a field rule without a destination: {rule}")
 
 
-def _add_resource(requested: Resources, rule: FieldRule, value: Any) -> None:
+def _resource_applier(rule: FieldRule) -> _Apply:
+    if rule.resource == DIMENSION_ACCELERATOR_TYPE:
+        return _set_once(_requested, "accelerator_type")
     name = DIMENSION_FIELDS.get(rule.resource)
     if name is None:
-        return
-    if rule.resource == ResourceDimension.RESOURCE_DIMENSION_ACCELERATOR_TYPE:
-        requested.accelerator_type = requested.accelerator_type or _text(value)
-        return
-    amount = round(float(value) * (rule.scale or 1))
-    setattr(requested, name, getattr(requested, name) + amount if requested.HasField(name) else amount)
+        raise ValueError(f"not a resource dimension: {rule.resource}")
+    scale = rule.scale or 1
+
+    def add(found: Extraction, value: Any) -> None:
+        amount = round(float(value) * scale)
+        requested = found.requested
+        setattr(requested, name, getattr(requested, name) + amount if requested.HasField(name) else amount)
+
+    return add
 
 
-def _add_scope(scope: Scope, field: ScopeField.ValueType, value: Any) -> None:
+def _scope_applier(field: ScopeField.ValueType) -> _Apply:
     if field == ScopeField.SCOPE_FIELD_DATA_CLASSIFICATION:
-        scope.data_classification = scope.data_classification or _classification(value)
-    elif field == ScopeField.SCOPE_FIELD_REGION:
-        scope.region = scope.region or _text(value)
-    elif field == ScopeField.SCOPE_FIELD_PURPOSE:
-        scope.purpose = scope.purpose or _text(value)
-    elif field == ScopeField.SCOPE_FIELD_DATASET:
-        scope.datasets.append(_text(value))
-    elif field == ScopeField.SCOPE_FIELD_POLICY_REF:
-        scope.policy_refs.append(_text(value))
+        return _set_once(_scope, "data_classification", _classification)
+    if field in (ScopeField.SCOPE_FIELD_REGION, ScopeField.SCOPE_FIELD_PURPOSE):
+        return _set_once(_scope, "region" if field == ScopeField.SCOPE_FIELD_REGION else "purpose")
+    if field in (ScopeField.SCOPE_FIELD_DATASET, ScopeField.SCOPE_FIELD_POLICY_REF):
+        part = "datasets" if field == ScopeField.SCOPE_FIELD_DATASET else "policy_refs"
+
+        def append(found: Extraction, value: Any) -> None:
+            getattr(found.scope, part).append(_text(value))
+
+        return append
+    raise ValueError(f"not a scope field: {field}")

@@ -15,12 +15,22 @@ from typing import Protocol
 
 import grpc
 
-from envelope_grpc._envelope import QUANTITIES, compare
+from envelope_grpc._envelope import QUANTITIES, compare, stamp
+from envelope_grpc._values import (
+    BASIS_ERROR,
+    BASIS_EXHAUSTED,
+    BASIS_NOT_PERMITTED,
+    FLAG_DRY_RUN_DENY,
+    FLAG_FAIL_OPEN,
+    MODE_DRY_RUN,
+    MODE_ENFORCE,
+    OUTCOME_ADMITTED,
+    OUTCOME_DENIED,
+    OUTCOME_NARROWED,
+)
 from envelope_grpc.v1.envelope_pb2 import (
     DecisionOutcome,
     DenialBasis,
-    EnforcementMode,
-    EnvelopeFlag,
     ExecutionEnvelope,
     ExecutionKind,
     ResourceDimension,
@@ -56,7 +66,7 @@ class Deny:
     code: grpc.StatusCode
     reason_code: str
     message: str
-    basis: DenialBasis.ValueType = DenialBasis.DENIAL_BASIS_NOT_PERMITTED
+    basis: DenialBasis.ValueType = BASIS_NOT_PERMITTED
     rule_ids: tuple[str, ...] = ()
 
 
@@ -124,11 +134,7 @@ def admit(
     for spec in policies:
         started = time.perf_counter_ns()
         record = decision.policies.add(policy=spec.name)
-        record.mode = (
-            EnforcementMode.ENFORCEMENT_MODE_DRY_RUN
-            if spec.dry_run
-            else EnforcementMode.ENFORCEMENT_MODE_ENFORCE
-        )
+        record.mode = MODE_DRY_RUN if spec.dry_run else MODE_ENFORCE
         try:
             verdict: Verdict = spec.policy(env)
         except Exception as error:  # a policy's failure must not escape admission
@@ -136,7 +142,7 @@ def admit(
             opens = fail_open if spec.fail_open is None else spec.fail_open
             if opens:
                 record.fail_open = True
-                record.outcome = OUTCOME.DECISION_OUTCOME_ADMITTED
+                record.outcome = OUTCOME_ADMITTED
                 verdict = Allow()
                 if not spec.dry_run:
                     decision.fail_open = True
@@ -145,25 +151,21 @@ def admit(
                     grpc.StatusCode.UNAVAILABLE,
                     POLICY_ERROR,
                     f"policy {spec.name} failed; the call is refused (fail closed)",
-                    DenialBasis.DENIAL_BASIS_ERROR,
+                    BASIS_ERROR,
                 )
         record.duration_us = (time.perf_counter_ns() - started) // 1000
         if isinstance(verdict, Allow):
-            record.outcome = OUTCOME.DECISION_OUTCOME_ADMITTED
+            record.outcome = OUTCOME_ADMITTED
             record.message = verdict.message
         else:
-            record.outcome = (
-                OUTCOME.DECISION_OUTCOME_DENIED
-                if isinstance(verdict, Deny)
-                else OUTCOME.DECISION_OUTCOME_NARROWED
-            )
+            record.outcome = OUTCOME_DENIED if isinstance(verdict, Deny) else OUTCOME_NARROWED
             record.reason_code = verdict.reason_code
             record.message = verdict.message
         record.rule_ids.extend(verdict.rule_ids)
         if spec.dry_run:
             dry_runs += 1
-            if isinstance(verdict, Deny) and EnvelopeFlag.ENVELOPE_FLAG_DRY_RUN_DENY not in env.flags:
-                env.flags.append(EnvelopeFlag.ENVELOPE_FLAG_DRY_RUN_DENY)
+            if isinstance(verdict, Deny) and FLAG_DRY_RUN_DENY not in env.flags:
+                env.flags.append(FLAG_DRY_RUN_DENY)
             continue
         if isinstance(verdict, Narrow):
             _cap(granted, verdict.caps)
@@ -172,15 +174,11 @@ def admit(
             denied = verdict
             deciding = (spec.name, verdict)
             break
-    if decision.fail_open and EnvelopeFlag.ENVELOPE_FLAG_FAIL_OPEN not in env.flags:
-        env.flags.append(EnvelopeFlag.ENVELOPE_FLAG_FAIL_OPEN)
-    decision.mode = (
-        EnforcementMode.ENFORCEMENT_MODE_DRY_RUN
-        if policies and dry_runs == len(policies)
-        else EnforcementMode.ENFORCEMENT_MODE_ENFORCE
-    )
+    if decision.fail_open and FLAG_FAIL_OPEN not in env.flags:
+        env.flags.append(FLAG_FAIL_OPEN)
+    decision.mode = MODE_DRY_RUN if policies and dry_runs == len(policies) else MODE_ENFORCE
     if denied is not None:
-        decision.outcome = OUTCOME.DECISION_OUTCOME_DENIED
+        decision.outcome = OUTCOME_DENIED
         decision.denial_basis = denied.basis
     else:
         decision.outcome = compare(env.requested, granted)
@@ -188,7 +186,7 @@ def admit(
         decision.deciding_policy, verdict = deciding
         decision.reason_code = verdict.reason_code
         decision.message = verdict.message
-    decision.time.GetCurrentTime()
+    stamp(decision.time, time.time_ns())
     return granted, denied
 
 
@@ -242,7 +240,7 @@ class LimitsPolicy:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "LIMIT_EXCEEDED",
                     what,
-                    DenialBasis.DENIAL_BASIS_EXHAUSTED,
+                    BASIS_EXHAUSTED,
                 )
             if not caps.HasField(field) or getattr(caps, field) > limit.maximum:
                 setattr(caps, field, limit.maximum)

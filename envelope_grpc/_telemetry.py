@@ -14,6 +14,7 @@ from opentelemetry.util.types import AttributeValue
 
 from envelope_grpc import _constants as k
 from envelope_grpc._envelope import QUANTITIES, REJECTED
+from envelope_grpc._values import OUTCOME_ADMITTED
 from envelope_grpc.v1.envelope_pb2 import (
     AuthMethod,
     DataClassification,
@@ -47,11 +48,8 @@ _FLAG_NAMES: Final = _names(EnvelopeFlag, "ENVELOPE_FLAG_")
 
 
 def _resources(out: dict[str, AttributeValue], prefix: str, resources: Resources) -> None:
-    for name in QUANTITIES:
-        if resources.HasField(name):
-            out[prefix + name] = getattr(resources, name)
-    if resources.accelerator_type:
-        out[prefix + "accelerator_type"] = resources.accelerator_type
+    for field, value in resources.ListFields():
+        out[prefix + field.name] = value
 
 
 def attributes(env: ExecutionEnvelope) -> dict[str, AttributeValue]:
@@ -67,7 +65,6 @@ def attributes(env: ExecutionEnvelope) -> dict[str, AttributeValue]:
         k.ATTR_OUTCOME: OUTCOME_NAMES[decision.outcome],
         k.ATTR_PRINCIPAL_KIND: _PRINCIPAL_NAMES[principal.kind],
         k.ATTR_AUTH: _AUTH_NAMES[principal.auth_method],
-        k.ATTR_STATUS: env.outcome.status_code,
     }
     lineage = env.lineage
     if lineage.parent_envelope_id:
@@ -99,12 +96,25 @@ def attributes(env: ExecutionEnvelope) -> dict[str, AttributeValue]:
     if env.flags:
         out[k.ATTR_FLAGS] = [_FLAG_NAMES[flag] for flag in env.flags]
     _resources(out, k.ATTR_REQUESTED_PREFIX, env.requested)
-    if env.grants:
+    if env.grants and env.grants[-1].outcome != OUTCOME_ADMITTED:  # as asked: requested says it all
         _resources(out, k.ATTR_GRANTED_PREFIX, env.grants[-1].resources)
     usage = env.outcome.usage
+    streamed = usage.request_messages > 1 or usage.response_messages > 1
     for field, value in usage.ListFields():
-        out[k.ATTR_USAGE_PREFIX + field.name] = value
+        if streamed or field.name not in _STREAM_USAGE:
+            out[k.ATTR_USAGE_PREFIX + field.name] = value
     return out
+
+
+# Message counts, sizes and duration say nothing a unary call's span does not
+# already say; they are reported for streams.
+_STREAM_USAGE: Final = frozenset(
+    {"request_messages", "response_messages", "request_bytes", "response_bytes", "duration_ms"}
+)
+
+
+#: One span event name per lifecycle state reached: "execution_envelope.admitted", ...
+_EVENT_NAMES: Final = {state: f"{k.NAMESPACE}.{name}" for state, name in STATE_NAMES.items()}
 
 
 def annotate(span: trace.Span, env: ExecutionEnvelope) -> None:
@@ -114,14 +124,10 @@ def annotate(span: trace.Span, env: ExecutionEnvelope) -> None:
         return
     span.set_attributes(attributes(env))
     for step in env.lifecycle.transitions:
-        event: dict[str, AttributeValue] = {
-            "from": STATE_NAMES[getattr(step, "from")],
-            "to": STATE_NAMES[step.to],
-            "actor": step.actor,
-        }
-        if step.reason:
-            event["reason"] = step.reason
-        span.add_event(k.TRANSITION_EVENT, event, timestamp=step.time.ToNanoseconds())
+        # Attributes cost a span event most of its time: a step says who and
+        # why only when it has a reason.
+        event = {"actor": step.actor, "reason": step.reason} if step.reason else None
+        span.add_event(_EVENT_NAMES[step.to], event, timestamp=step.time.ToNanoseconds())
     if env.lifecycle.state == REJECTED:
         span.set_status(Status(StatusCode.ERROR, f"{env.outcome.reason_code}: {env.outcome.status_message}"))
 
@@ -142,19 +148,34 @@ class Metrics:
             k.METRIC_GRANTED, unit="1", description="Granted resource amounts by dimension."
         )
 
+        self._labels: dict[tuple[str, ...], dict[str, str]] = {}
+
+    def _label(self, *values: str) -> dict[str, str]:
+        # Label dicts are reused across calls; the cache is bounded by clearing.
+        found = self._labels.get(values)
+        if found is None:
+            if len(self._labels) > 4096:
+                self._labels.clear()
+            kind, tenant, key, value = values
+            found = self._labels[values] = {
+                "execution_envelope.kind": kind,
+                "execution_envelope.tenant": tenant,
+                key: value,
+            }
+        return found
+
     def record(self, env: ExecutionEnvelope) -> None:
         """Count one admission decision and its resource amounts."""
-        base = {
-            "execution_envelope.kind": KIND_NAMES[env.execution.kind],
-            "execution_envelope.tenant": env.principal.tenant,
-        }
-        self._admissions.add(1, {**base, "execution_envelope.outcome": OUTCOME_NAMES[env.decision.outcome]})
+        kind = KIND_NAMES[env.execution.kind]
+        tenant = env.principal.tenant
+        outcome = OUTCOME_NAMES[env.decision.outcome]
+        self._admissions.add(1, self._label(kind, tenant, "execution_envelope.outcome", outcome))
         for counter, resources in ((self._requested, env.requested), (self._granted, _granted(env))):
             if resources is None:
                 continue
-            for name in QUANTITIES:
-                if resources.HasField(name):
-                    counter.add(getattr(resources, name), {**base, "execution_envelope.dimension": name})
+            for field, value in resources.ListFields():
+                if field.name in QUANTITIES:
+                    counter.add(value, self._label(kind, tenant, "execution_envelope.dimension", field.name))
 
 
 def _granted(env: ExecutionEnvelope) -> Resources | None:
