@@ -103,7 +103,9 @@ def start(
 
 def main(name: str, services: Callable[[], Sequence[Service]], argv: Sequence[str] | None = None) -> int:
     """`python -m services.<name>`: serve until interrupted."""
-    parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=f"The example {name} service.")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{name}", description=f"The example {name} service."
+    )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)")
     parser.add_argument("--audit", default="", help="JSON-lines audit file (default: none)")
     args = parser.parse_args(argv)
