@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import dataclasses
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
@@ -27,7 +28,7 @@ from opentelemetry import metrics, trace
 from envelope_grpc import _constants as k
 from envelope_grpc import _envelope as model
 from envelope_grpc._extract import Action, Extraction, ExtractorRegistry, MethodPlan
-from envelope_grpc._policy import Deny, Policy, PolicySpec, admit, as_spec
+from envelope_grpc._policy import Deny, Policy, PolicySpec, Releasing, admit, as_spec
 from envelope_grpc._sinks import Sink, SinkDispatcher, SinkStats
 from envelope_grpc._telemetry import OUTCOME_NAMES, Metrics, annotate
 from envelope_grpc._values import (
@@ -43,6 +44,7 @@ from envelope_grpc._values import (
 )
 from envelope_grpc.v1.envelope_pb2 import (
     EnvelopeContext,
+    EnvelopeFlag,
     ExecutionEnvelope,
     Principal,
 )
@@ -52,6 +54,7 @@ CURRENT: Final[contextvars.ContextVar[ExecutionEnvelope | None]] = contextvars.C
     "execution_envelope", default=None
 )
 
+_log = logging.getLogger("envelope_grpc")
 _NO_DEADLINE: Final = 1e8  # seconds; grpc reports "no deadline" as a huge remainder
 _Pairs = Sequence[tuple[str, str | bytes]]
 
@@ -64,13 +67,15 @@ class Peer:
     auth_context: Mapping[str, Sequence[bytes]]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True)
 class CallInfo:
     """What an identity resolver sees of a call (metadata: first value per key)."""
 
     method: str
     metadata: Mapping[str, str | bytes]
     peer: Peer
+    #: Flags a resolver raises for the envelope (e.g. untrusted gateway headers).
+    flags: list[EnvelopeFlag.ValueType] = dataclasses.field(default_factory=list)
 
 
 class Unauthenticated(Exception):
@@ -125,6 +130,7 @@ class Call:
         "denial",
         "ended",
         "env",
+        "release",
         "request_bytes",
         "request_messages",
         "response_bytes",
@@ -141,6 +147,7 @@ class Call:
         self.request_messages = self.request_bytes = 0
         self.response_messages = self.response_bytes = 0
         self.ended = False
+        self.release: Sequence[Releasing] = ()
 
     def count_request(self, message: Message) -> None:
         """Count one request message."""
@@ -189,6 +196,9 @@ class Core:
         self.config = config
         self.extractors = config.extractors
         self.policies = tuple(as_spec(policy) for policy in config.policies)
+        #: Whether admission may block (I/O or budgeted policies): grpc.aio
+        #: servers then admit off the event loop.
+        self.blocking = any(spec.blocking or spec.budget is not None for spec in self.policies)
         self.metrics = Metrics(config.meter_provider)
         self.dispatcher = (
             SinkDispatcher(config.sinks, max_queue=config.max_sink_queue) if config.sinks else None
@@ -248,7 +258,11 @@ class Core:
         if isinstance(agent, str):
             principal.user_agent = agent[:512]
         if self.config.resolvers:
-            call.denial = self._resolve(principal, CallInfo(method, metadata, peer))
+            info = CallInfo(method, metadata, peer)
+            call.denial = self._resolve(principal, info)
+            for flag in info.flags:
+                if flag not in call.env.flags:
+                    call.env.flags.append(flag)
         if not principal.kind:
             principal.kind = PRINCIPAL_ANONYMOUS
         if not principal.auth_method:
@@ -340,9 +354,11 @@ class Core:
             decision.denial_basis = deny.basis
             model.stamp(decision.time, time.time_ns())
             return self._refuse(call, policy, deny)
-        granted, denied = admit(env, self.policies, fail_open=self.config.fail_open)
-        if denied is not None:
-            return self._refuse(call, env.decision.deciding_policy, denied)
+        admission = admit(env, self.policies, fail_open=self.config.fail_open)
+        call.release = admission.release
+        granted = admission.granted
+        if admission.denied is not None:
+            return self._refuse(call, env.decision.deciding_policy, admission.denied)
         decision = env.decision
         model.record_admission_grant(
             env, granted, reason_code=decision.reason_code, reason=decision.message, actor=k.ACTOR_ADMISSION
@@ -409,6 +425,11 @@ class Core:
 
     def _emit(self, call: Call) -> None:
         call.ended = True
+        for policy in call.release:
+            try:
+                policy.release(call.env)
+            except Exception:  # giving back must never fail the call; it is logged
+                _log.exception("policy %r failed to release envelope %s", policy, call.env.envelope_id)
         annotate(call.span, call.env)
         if self.dispatcher is not None:
             self.dispatcher.submit(call.env)

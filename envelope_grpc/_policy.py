@@ -8,10 +8,11 @@ compose as the per-dimension minimum; dry-run verdicts are recorded only.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import grpc
 
@@ -79,21 +80,42 @@ class Policy(Protocol):
     def __call__(self, envelope: ExecutionEnvelope, /) -> Verdict: ...
 
 
+@runtime_checkable
+class Releasing(Protocol):
+    """A policy that takes something at admission (a quota) and gives it
+    back when the call ends. ``release`` is called once for every call the
+    policy was consulted on, whatever its verdict; it must be idempotent and
+    must not block for long (it runs on the RPC path, after the handler)."""
+
+    def release(self, envelope: ExecutionEnvelope, /) -> None: ...
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PolicySpec:
     """A policy with its name and how it runs.
 
     ``dry_run`` records the verdict and changes nothing. ``fail_open`` decides
-    what a raising policy means: None takes the interceptor's default (fail
-    closed unless configured), True lets the call through and marks it.
+    what a raising or late policy means: None takes the interceptor's default
+    (fail closed unless configured), True lets the call through and marks it.
+    ``budget`` (seconds) bounds the policy's time: it then runs on a worker
+    thread and a late verdict counts as a failure. ``blocking`` says the
+    policy does I/O; with it, or a budget, grpc.aio servers admit calls off
+    the event loop.
     """
 
     policy: Policy
     name: str = ""
     dry_run: bool = False
     fail_open: bool | None = None
+    budget: float | None = None
+    blocking: bool = False
+    release: Releasing | None = dataclasses.field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.policy, Releasing):
+            object.__setattr__(self, "release", self.policy)
+        if self.budget is not None and self.budget <= 0:
+            raise ValueError(f"a policy budget must be positive: {self.budget}")
         if not self.name:
             name = getattr(self.policy, "name", None) or getattr(self.policy, "__name__", None)
             object.__setattr__(self, "name", name or type(self.policy).__name__)
@@ -117,13 +139,35 @@ def _cap(granted: Resources, caps: Resources) -> None:
         granted.accelerator_type = caps.accelerator_type
 
 
-def admit(
-    env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: bool
-) -> tuple[Resources, Deny | None]:
+_WORKERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="envelope-grpc-policy")
+
+
+def _consult(spec: PolicySpec, env: ExecutionEnvelope) -> Verdict:
+    if spec.budget is None:
+        return spec.policy(env)
+    future = _WORKERS.submit(spec.policy, env)
+    try:
+        return future.result(timeout=spec.budget)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise TimeoutError(f"no verdict within its budget of {spec.budget * 1000:g} ms") from None
+
+
+@dataclasses.dataclass(slots=True)
+class Admission:
+    """The result of admission: the grant, the enforced denial if any, and
+    the policies that must be released when the call ends."""
+
+    granted: Resources
+    denied: Deny | None
+    release: list[Releasing]
+
+
+def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: bool) -> Admission:
     """Run ``policies`` over ``env`` and write the decision into it.
 
-    Returns the admission grant and, when refused, the enforced Deny (a
-    failing policy that fails closed becomes UNAVAILABLE / POLICY_ERROR).
+    A failing or late policy that fails closed becomes an UNAVAILABLE /
+    POLICY_ERROR denial.
     """
     decision = env.decision
     granted = Resources()
@@ -131,12 +175,15 @@ def admit(
     denied: Deny | None = None
     deciding: tuple[str, Narrow | Deny] | None = None
     dry_runs = 0
+    release: list[Releasing] = []
     for spec in policies:
         started = time.perf_counter_ns()
         record = decision.policies.add(policy=spec.name)
         record.mode = MODE_DRY_RUN if spec.dry_run else MODE_ENFORCE
+        if spec.release is not None:
+            release.append(spec.release)
         try:
-            verdict: Verdict = spec.policy(env)
+            verdict: Verdict = _consult(spec, env)
         except Exception as error:  # a policy's failure must not escape admission
             record.error = f"{type(error).__name__}: {error}"
             opens = fail_open if spec.fail_open is None else spec.fail_open
@@ -187,7 +234,7 @@ def admit(
         decision.reason_code = verdict.reason_code
         decision.message = verdict.message
     stamp(decision.time, time.time_ns())
-    return granted, denied
+    return Admission(granted, denied, release)
 
 
 # -- the built-in limits policy ------------------------------------------------------

@@ -5,6 +5,7 @@ Same core as the ``grpc`` ones; only awaiting differs.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -67,14 +68,19 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
     request_streaming = handler.request_streaming
     yields = inspect.isasyncgenfunction(behavior)
 
+    async def admit(context: Any, request: Any) -> tuple[Call, AbortStatus | None]:
+        if core.blocking:  # policies that do I/O or have a time budget must not stall the loop
+            return await asyncio.to_thread(core.begin, plan, context, request)
+        return core.begin(plan, context, request)
+
     async def begin(request_or_iterator: Any, context: Any) -> tuple[Call, Any]:
         if request_streaming:
             iterator = aiter(request_or_iterator)
             first = await anext(iterator, None)
-            call, status = core.begin(plan, context, first)
+            call, status = await admit(context, first)
             argument: Any = _counted(call, first, iterator)
         else:
-            call, status = core.begin(plan, context, request_or_iterator)
+            call, status = await admit(context, request_or_iterator)
             argument = request_or_iterator
         if status is not None:
             await _abort(context, status)

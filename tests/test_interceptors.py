@@ -525,3 +525,48 @@ def test_peer_envelope_never_widens_the_grant(backend: Start) -> None:
     assert env.lineage.parent_envelope_id == "b" * 32
     assert env.grants[0].resources.tokens == 100
     assert env.execution.kind == ExecutionKind.EXECUTION_KIND_INFERENCE
+
+
+def test_policy_over_its_budget_fails_closed(backend: Start) -> None:
+    def slow(envelope: ExecutionEnvelope, /) -> Allow:
+        time.sleep(0.5)
+        return Allow()
+
+    server = backend(EnvelopeConfig(policies=[PolicySpec(slow, budget=0.05)]))
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(RUN)
+    assert time.monotonic() - started < 0.45
+    (env,) = server.envelopes(1)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert env.decision.policies[0].error == "TimeoutError: no verdict within its budget of 50 ms"
+
+
+class Counting:
+    """A releasing policy: takes at admission, gives back when the call ends."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.taken: list[str] = []
+        self.released: list[str] = []
+
+    def __call__(self, envelope: ExecutionEnvelope, /) -> Allow:
+        self.taken.append(envelope.envelope_id)
+        return Allow()
+
+    def release(self, envelope: ExecutionEnvelope, /) -> None:
+        self.released.append(envelope.envelope_id)
+
+
+def test_releasing_policy_gives_back_when_the_call_ends(backend: Start) -> None:
+    counting = Counting()
+    limits = LimitsPolicy([Limit(TOKENS, 100, deny=True)])
+    server = backend(EnvelopeConfig(policies=[PolicySpec(counting, blocking=True), limits]))
+    server.stub.Run(pb.RunRequest(model="m"))
+    with pytest.raises(grpc.RpcError):
+        server.stub.Run(pb.RunRequest(model="m", max_tokens=1000))
+    with pytest.raises(grpc.RpcError):
+        server.stub.Run(pb.RunRequest(model="m", behavior="fail"))
+    envelopes = server.envelopes(3)
+    assert sorted(counting.released) == sorted(counting.taken) == sorted(env.envelope_id for env in envelopes)
