@@ -171,7 +171,9 @@ def test_unary_call_builds_a_complete_envelope(backend: Start, spans: InMemorySp
     ]
 
 
-def test_streams_and_grants_that_differ_add_their_attributes(backend: Start, spans: InMemorySpanExporter) -> None:
+def test_streams_and_grants_that_differ_add_their_attributes(
+    backend: Start, spans: InMemorySpanExporter
+) -> None:
     server = backend(EnvelopeConfig(policies=[LimitsPolicy([Limit(TOKENS, 100)])]))
     list(server.stub.Watch(pb.WatchRequest(run=pb.RunRequest(model="m", max_tokens=500, count=2))))
     (env,) = server.envelopes(1)
@@ -185,7 +187,9 @@ def test_streams_and_grants_that_differ_add_their_attributes(backend: Start, spa
     assert attributes["execution_envelope.usage.request_messages"] == 1
     assert attributes["execution_envelope.usage.duration_ms"] == env.outcome.usage.duration_ms
     admitted = [e for e in span.events if e.name == "execution_envelope.admitted"]
-    assert [dict(e.attributes or {}) for e in admitted] == [{"actor": "admission", "reason": "LIMIT_NARROWED"}]
+    assert [dict(e.attributes or {}) for e in admitted] == [
+        {"actor": "admission", "reason": "LIMIT_NARROWED"}
+    ]
 
 
 def test_request_id_that_is_not_printable_ascii_is_replaced(backend: Start) -> None:
