@@ -312,19 +312,30 @@ class Core:
         env.flags.append(flag)
 
     def _normalize(self, env: ExecutionEnvelope, plan: MethodPlan, request: Message | None) -> None:
+        execution = env.execution
+        execution.kind = plan.kind
         found: Extraction | None = None
-        if plan.extractor is not None and request is not None:
+        if request is not None and plan.fill is not None:
+            # Declarative extraction writes straight into the envelope's messages.
+            found = Extraction(plan.kind, execution.target, env.requested, env.scope)
+            try:
+                plan.fill(request, found)
+            except Exception:  # a broken extractor records transport facts only
+                env.flags.append(FLAG_EXTRACTION_FAILED)
+                for holder, name in ((execution, "target"), (env, "requested"), (env, "scope")):
+                    holder.ClearField(name)  # type: ignore[arg-type]
+                found = None
+        elif request is not None and plan.extractor is not None:
             try:
                 found = plan.extractor(request)
             except Exception:  # a broken extractor records transport facts only
                 env.flags.append(FLAG_EXTRACTION_FAILED)
-        execution = env.execution
-        execution.kind = plan.kind
+            if found is not None:
+                execution.kind = found.kind or plan.kind
+                execution.target.CopyFrom(found.target)
+                env.scope.CopyFrom(found.scope)
+                model.record_requested(env, found.requested)
         if found is not None:
-            execution.kind = found.kind or plan.kind
-            execution.target.CopyFrom(found.target)
-            env.scope.CopyFrom(found.scope)
-            model.record_requested(env, found.requested)
             principal = env.principal
             principal.tenant = principal.tenant or found.tenant
             principal.project = principal.project or found.project

@@ -70,6 +70,9 @@ class MethodPlan:
     action: Action
     extractor: Extractor | None = None
     kind: ExecutionKind.ValueType = ExecutionKind.EXECUTION_KIND_UNSPECIFIED
+    #: Writes into a given Extraction (declarative extractors): lets the core
+    #: extract straight into the envelope's own messages.
+    fill: Callable[[Message, Extraction], None] | None = None
 
 
 class ExtractorRegistry:
@@ -181,7 +184,8 @@ def declarative_plan(method: str, descriptor: MethodDescriptor) -> MethodPlan | 
         return MethodPlan(method, Action.SKIP)
     kind = rule.kind if rule is not None else ExecutionKind.EXECUTION_KIND_UNSPECIFIED
     target_type = rule.target_type if rule is not None else ""
-    return MethodPlan(method, Action.RECORD, _DeclaredExtractor(kind, target_type, nodes), kind)
+    extractor = _DeclaredExtractor(kind, target_type, nodes)
+    return MethodPlan(method, Action.RECORD, extractor, kind, extractor.fill)
 
 
 def _compile(message: Descriptor, seen: frozenset[str], depth: int) -> tuple[_Node, ...]:
@@ -255,10 +259,14 @@ class _DeclaredExtractor:
 
     def __call__(self, request: Message) -> Extraction:
         found = Extraction(kind=self.kind)
+        self.fill(request, found)
+        return found
+
+    def fill(self, request: Message, found: Extraction) -> None:
+        """Write what ``request`` declares into ``found``."""
         if self.target_type:
             found.target.type = self.target_type
         _walk(found, request, self.nodes)
-        return found
 
 
 def _text(value: Any) -> str:
@@ -267,12 +275,14 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+_CLASSIFICATIONS: Final[Mapping[str, DataClassification.ValueType]] = {
+    **{name: number for name, number in DataClassification.items()},
+    **{name.removeprefix("DATA_CLASSIFICATION_"): number for name, number in DataClassification.items()},
+}
+
+
 def _classification(value: Any) -> DataClassification.ValueType:
-    name = _text(value).upper()
-    for candidate in (name, f"DATA_CLASSIFICATION_{name}"):
-        if candidate in DataClassification.keys():  # noqa: SIM118 (an enum wrapper, not a dict)
-            return DataClassification.Value(candidate)
-    return DataClassification.DATA_CLASSIFICATION_UNSPECIFIED
+    return _CLASSIFICATIONS.get(_text(value).upper(), DataClassification.DATA_CLASSIFICATION_UNSPECIFIED)
 
 
 def _set_once(

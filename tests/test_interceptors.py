@@ -162,12 +162,39 @@ def test_unary_call_builds_a_complete_envelope(backend: Start, spans: InMemorySp
         "execution_envelope.requested.replicas_max": 5,
         "execution_envelope.requested.tokens": 512,
         "execution_envelope.requested.accelerator_type": "nvidia-a100",
+        "execution_envelope.lifecycle.states": ("received", "normalized", "admitted", "completed"),
+        "execution_envelope.lifecycle.offsets_us": attributes["execution_envelope.lifecycle.offsets_us"],
     }
     assert len(span.attributes or {}) < 64
+    assert list(span.events) == []  # a plain path is told by the lifecycle attributes alone
+
+
+def test_lifecycle_path_and_informative_steps_are_on_the_span(
+    backend: Start, spans: InMemorySpanExporter
+) -> None:
+    server = backend()
+    server.stub.Run(pb.RunRequest(model="m", accelerators=pb.Accelerators(count=2), behavior="bind"))
+    (env,) = server.envelopes(1)
+    span = server_span(spans, f"{SERVICE}/Run")
+    attributes = span.attributes or {}
+    start = env.lifecycle.start_time.ToNanoseconds()
+    steps = env.lifecycle.transitions
+    assert attributes["execution_envelope.lifecycle.states"] == (
+        "received",
+        "normalized",
+        "admitted",
+        "granted",
+        "bound",
+        "completed",
+    )
+    assert attributes["execution_envelope.lifecycle.offsets_us"] == tuple(
+        (step.time.ToNanoseconds() - start) // 1000 for step in steps
+    )
     events = [(e.name, dict(e.attributes or {}), e.timestamp) for e in span.events]
+    granted = {"actor": "backend", "reason": "MEMORY_COMPUTED"}
     assert events == [
-        (f"execution_envelope.{state.lower()}", {}, step.time.ToNanoseconds())
-        for state, step in zip(states(env), env.lifecycle.transitions, strict=True)
+        ("execution_envelope.granted", granted, steps[3].time.ToNanoseconds()),
+        ("execution_envelope.bound", {"actor": "backend"}, steps[4].time.ToNanoseconds()),
     ]
 
 
