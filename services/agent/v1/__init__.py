@@ -1,0 +1,1 @@
+"""Generated code of services.agent.v1 (from proto/services/agent/v1)."""

@@ -1,0 +1,9 @@
+"""``python -m services.inference``: serve the inference service until interrupted."""
+
+from __future__ import annotations
+
+from services._runtime import main
+from services.inference import services
+
+if __name__ == "__main__":
+    raise SystemExit(main("inference", services))
