@@ -112,6 +112,13 @@ class ExtractorRegistry:
             self._functions[method] = (extractor, kind)
             self._plans.pop(method, None)
 
+    def set_rule(self, pattern: str, action: Action) -> None:
+        """What to do with calls of methods matching ``pattern`` (a full method
+        name or an fnmatch pattern); replaces an earlier rule for it."""
+        with self._lock:
+            self._rules[pattern] = action
+            self._plans.clear()
+
     def plan(self, method: str) -> MethodPlan:
         """The plan for ``method``, computed on first sight and cached."""
         found = self._plans.get(method)

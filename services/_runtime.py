@@ -9,7 +9,7 @@ import dataclasses
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 
 import grpc
@@ -25,12 +25,15 @@ from envelope_grpc import EnvelopeConfig, ExtractorRegistry
 
 @dataclasses.dataclass(frozen=True)
 class Service:
-    """One gRPC service: its full name, how to add it to a server, and the
-    function extractors it needs for protos it does not own."""
+    """One gRPC service: its full name, how to add it to a server, the
+    function extractors it needs for protos it does not own, rules for
+    methods that build no envelope (probes), and what to close on stop."""
 
     name: str
     register: Callable[[grpc.Server], None]
     extractors: Sequence[tuple[str, envelope_grpc.Extractor]] = ()
+    rules: Mapping[str, envelope_grpc.Action] = dataclasses.field(default_factory=dict)
+    close: Callable[[], None] | None = None
 
 
 def trusted_loopback(peer: envelope_grpc.Peer) -> bool:
@@ -56,6 +59,7 @@ class Running:
     server: grpc.Server
     port: int
     interceptor: envelope_grpc.EnvelopeServerInterceptor
+    services: Sequence[Service] = ()
 
     @property
     def address(self) -> str:
@@ -65,6 +69,9 @@ class Running:
     def stop(self, grace: float | None = None) -> None:
         """Stop serving and flush the audit sinks."""
         self.server.stop(grace).wait()
+        for service in self.services:
+            if service.close is not None:
+                service.close()
         self.interceptor.close()
 
 
@@ -82,6 +89,8 @@ def start(
     for service in services:
         for method, extractor in service.extractors:
             config.extractors.register(method, extractor)
+        for pattern, action in service.rules.items():
+            config.extractors.set_rule(pattern, action)
     interceptors = envelope_grpc.server_interceptors(config, tracer_provider=provider)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors)
     status = health.HealthServicer()
@@ -98,21 +107,40 @@ def start(
     server.start()
     envelope = interceptors[-1]
     assert isinstance(envelope, envelope_grpc.EnvelopeServerInterceptor)
-    return Running(server, bound, envelope)
+    return Running(server, bound, envelope, tuple(services))
 
 
-def main(name: str, services: Callable[[], Sequence[Service]], argv: Sequence[str] | None = None) -> int:
-    """`python -m services.<name>`: serve until interrupted."""
+#: Builds a service's list from the parsed command line and the tracer provider.
+Build = Callable[[argparse.Namespace, TracerProvider], Sequence[Service]]
+
+
+def main(
+    name: str,
+    build: Build,
+    argv: Sequence[str] | None = None,
+    *,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """`python -m services.<name>`: serve until SIGINT or SIGTERM.
+
+    ``options`` adds the service's own command-line options; ``build``
+    receives them with the tracer provider, so downstream calls are traced.
+    """
     parser = argparse.ArgumentParser(
         prog=f"python -m services.{name}", description=f"The example {name} service."
     )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)")
     parser.add_argument("--audit", default="", help="JSON-lines audit file (default: none)")
+    if options is not None:
+        options(parser)
     args = parser.parse_args(argv)
     sinks = [envelope_grpc.JsonLinesSink(args.audit)] if args.audit else []
     config = EnvelopeConfig(extractors=ExtractorRegistry(), sinks=sinks, trust_peer=trusted_loopback)
     provider = tracer_provider(f"envelope-grpc-{name}")
-    running = start(services(), config, provider=provider, port=args.port)
+    try:
+        running = start(build(args, provider), config, provider=provider, port=args.port)
+    except OSError as error:
+        parser.exit(1, f"{parser.prog}: {error}\n")
     print(f"{name} serving on {running.address}", flush=True)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())

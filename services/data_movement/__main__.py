@@ -1,4 +1,4 @@
-"""`python -m services.data_movement [--root DIR]`: serve the data movement
+"""``python -m services.data_movement [--root DIR]``: serve the data movement
 service over the stores under DIR (default: a temporary directory)."""
 
 import argparse
@@ -6,7 +6,12 @@ import argparse
 from services._runtime import main
 from services.data_movement import services
 
-parser = argparse.ArgumentParser(add_help=False)
-parser.add_argument("--root", default=None)
-known, rest = parser.parse_known_args()
-raise SystemExit(main("data_movement", lambda: services(known.root), rest))
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--root", default=None, help="directory holding the stores (default: a temporary one)"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("data_movement", lambda args, provider: services(args.root), options=_options))

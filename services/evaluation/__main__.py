@@ -1,6 +1,7 @@
-"""`python -m services.evaluation`: serve the evaluation service."""
+"""``python -m services.evaluation``: serve the evaluation service."""
 
 from services._runtime import main
 from services.evaluation import services
 
-raise SystemExit(main("evaluation", services))
+if __name__ == "__main__":
+    raise SystemExit(main("evaluation", lambda args, provider: services()))

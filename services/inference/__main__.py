@@ -1,9 +1,7 @@
-"""``python -m services.inference``: serve the inference service until interrupted."""
-
-from __future__ import annotations
+"""``python -m services.inference``: serve the inference service."""
 
 from services._runtime import main
 from services.inference import services
 
 if __name__ == "__main__":
-    raise SystemExit(main("inference", services))
+    raise SystemExit(main("inference", lambda args, provider: services()))
