@@ -12,7 +12,7 @@ import grpc
 from opentelemetry.instrumentation.grpc import server_interceptor as _otel_server_interceptor
 
 from envelope_grpc._client import EnvelopeClientInterceptor
-from envelope_grpc._core import CallInfo, EnvelopeConfig, Peer, Resolver, TrustPeer, Unauthenticated
+from envelope_grpc._core import EnvelopeConfig
 from envelope_grpc._envelope import (
     LifecycleError,
     Violation,
@@ -23,15 +23,18 @@ from envelope_grpc._envelope import (
     validate,
 )
 from envelope_grpc._extract import Action, Extraction, Extractor, ExtractorRegistry
-from envelope_grpc._handler import current_envelope, record_binding, record_grant, record_usage, reject
+from envelope_grpc._handler import current_envelope, fail, record_binding, record_grant, record_usage, reject
 from envelope_grpc._policy import Allow, Deny, Limit, LimitsPolicy, Narrow, Policy, PolicySpec, Verdict
 from envelope_grpc._server import EnvelopeServerInterceptor
 from envelope_grpc._sinks import JsonLinesSink, Sink, SinkDispatcher, SinkStats
+from envelope_grpc._types import CallInfo, Peer, Resolver, TrustPeer, Unauthenticated
+from envelope_grpc.identity import ClaimMap, GatewayResolver, JwtResolver, MtlsResolver, trust_networks
 
 __all__ = [
     "Action",
     "Allow",
     "CallInfo",
+    "ClaimMap",
     "Deny",
     "EnvelopeClientInterceptor",
     "EnvelopeConfig",
@@ -39,10 +42,13 @@ __all__ = [
     "Extraction",
     "Extractor",
     "ExtractorRegistry",
+    "GatewayResolver",
     "JsonLinesSink",
+    "JwtResolver",
     "LifecycleError",
     "Limit",
     "LimitsPolicy",
+    "MtlsResolver",
     "Narrow",
     "Peer",
     "Policy",
@@ -56,6 +62,7 @@ __all__ = [
     "Verdict",
     "Violation",
     "current_envelope",
+    "fail",
     "from_json",
     "new_envelope",
     "record_binding",
@@ -65,6 +72,7 @@ __all__ = [
     "server_interceptors",
     "to_json",
     "transition",
+    "trust_networks",
     "validate",
 ]
 

@@ -15,8 +15,8 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 import grpc
 import protovalidate
@@ -31,6 +31,7 @@ from envelope_grpc._extract import Action, Extraction, ExtractorRegistry, Method
 from envelope_grpc._policy import Deny, Policy, PolicySpec, Releasing, admit, as_spec
 from envelope_grpc._sinks import Sink, SinkDispatcher, SinkStats
 from envelope_grpc._telemetry import OUTCOME_NAMES, Metrics, annotate
+from envelope_grpc._types import CallInfo, Peer, Resolver, TrustPeer, Unauthenticated
 from envelope_grpc._values import (
     AUTH_NONE,
     BASIS_ERROR,
@@ -44,7 +45,6 @@ from envelope_grpc._values import (
 )
 from envelope_grpc.v1.envelope_pb2 import (
     EnvelopeContext,
-    EnvelopeFlag,
     ExecutionEnvelope,
     Principal,
 )
@@ -57,47 +57,6 @@ CURRENT: Final[contextvars.ContextVar[ExecutionEnvelope | None]] = contextvars.C
 _log = logging.getLogger("envelope_grpc")
 _NO_DEADLINE: Final = 1e8  # seconds; grpc reports "no deadline" as a huge remainder
 _Pairs = Sequence[tuple[str, str | bytes]]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Peer:
-    """The immediate caller as the transport sees it."""
-
-    address: str
-    auth_context: Mapping[str, Sequence[bytes]]
-
-
-@dataclasses.dataclass(frozen=True)
-class CallInfo:
-    """What an identity resolver sees of a call (metadata: first value per key)."""
-
-    method: str
-    metadata: Mapping[str, str | bytes]
-    peer: Peer
-    #: Flags a resolver raises for the envelope (e.g. untrusted gateway headers).
-    flags: list[EnvelopeFlag.ValueType] = dataclasses.field(default_factory=list)
-
-
-class Unauthenticated(Exception):
-    """Raised by a resolver for a missing, forged or expired credential.
-
-    The message must name no token, key or secret: it reaches the caller.
-    """
-
-    def __init__(self, reason_code: str, message: str) -> None:
-        super().__init__(message)
-        self.reason_code = reason_code
-        self.message = message
-
-
-class Resolver(Protocol):
-    """Resolves who is calling; None when it has nothing to say."""
-
-    def __call__(self, call: CallInfo, /) -> Principal | None: ...
-
-
-#: Whether a peer's envelope may become lineage.
-TrustPeer = Callable[[Peer], bool]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,6 +305,8 @@ class Core:
     def _admit(self, call: Call, plan: MethodPlan, request: Message | None) -> AbortStatus | None:
         env = call.env
         self._normalize(env, plan, request)
+        if call.denial is None and env.HasField("requested"):
+            call.denial = _negative(env)
         if call.denial is None and plan.action is Action.DENY:
             call.denial = (
                 "extractor",
@@ -453,6 +414,20 @@ class Core:
         """Flush and close the audit sinks."""
         if self.dispatcher is not None:
             self.dispatcher.close()
+
+
+def _negative(env: ExecutionEnvelope) -> tuple[str, Deny] | None:
+    """A denial for negative requested quantities (which are dropped from the
+    envelope, so that it stays valid), or None."""
+    negative = [
+        field.name for field, value in env.requested.ListFields() if isinstance(value, int) and value < 0
+    ]
+    if not negative:
+        return None
+    for name in negative:
+        env.requested.ClearField(name)  # type: ignore[arg-type]
+    message = f"requested {', '.join(negative)} must not be negative"
+    return "extractor", Deny(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESOURCE", message, BASIS_INVALID)
 
 
 def _status(context: Any, error: BaseException | None) -> tuple[grpc.StatusCode, str]:

@@ -292,15 +292,33 @@ def _classification(value: Any) -> DataClassification.ValueType:
     return _CLASSIFICATIONS.get(_text(value).upper(), DataClassification.DATA_CLASSIFICATION_UNSPECIFIED)
 
 
+# The contract's length limits (envelope.proto): request values are untrusted
+# and are cut to fit, so an envelope stays valid whatever a caller sends.
+_LIMITS: Final = {
+    "name": 256,
+    "version": 128,
+    "tenant": 128,
+    "project": 128,
+    "accelerator_type": 128,
+    "region": 64,
+    "purpose": 256,
+}
+_MAX_VALUE: Final = 512
+_MAX_KEY: Final = 64
+_MAX_PAIRS: Final = 32
+_MAX_ITEMS: Final = {"datasets": 64, "policy_refs": 32}
+
+
 def _set_once(
-    holder: Callable[[Extraction], Any], part: str, convert: Callable[[Any], Any] = _text
+    holder: Callable[[Extraction], Any], part: str, convert: Callable[[Any], Any] | None = None
 ) -> _Apply:
     """An applier for a single-valued destination: the first value wins."""
+    limit = _LIMITS.get(part, _MAX_VALUE)
 
     def apply(found: Extraction, value: Any) -> None:
         target = holder(found)
         if not getattr(target, part):
-            setattr(target, part, convert(value))
+            setattr(target, part, convert(value) if convert is not None else _text(value)[:limit])
 
     return apply
 
@@ -335,13 +353,13 @@ def _applier(rule: FieldRule) -> _Apply:
     if destination == "scope":
         return _scope_applier(rule.scope)
     if destination in ("target_attribute", "hint"):
-        key = rule.target_attribute if destination == "target_attribute" else rule.hint
+        key = (rule.target_attribute if destination == "target_attribute" else rule.hint)[:_MAX_KEY]
         overwrite = destination == "hint"
 
         def put(found: Extraction, value: Any) -> None:
             entries = found.target.attributes if not overwrite else found.scope.hints
-            if overwrite or key not in entries:
-                entries[key] = _text(value)
+            if (overwrite or key not in entries) and (key in entries or len(entries) < _MAX_PAIRS):
+                entries[key] = _text(value)[:_MAX_VALUE]
 
         return put
     raise ValueError(f"a field rule without a destination: {rule}")
@@ -371,8 +389,12 @@ def _scope_applier(field: ScopeField.ValueType) -> _Apply:
     if field in (ScopeField.SCOPE_FIELD_DATASET, ScopeField.SCOPE_FIELD_POLICY_REF):
         part = "datasets" if field == ScopeField.SCOPE_FIELD_DATASET else "policy_refs"
 
+        most = _MAX_ITEMS[part]
+
         def append(found: Extraction, value: Any) -> None:
-            getattr(found.scope, part).append(_text(value))
+            items = getattr(found.scope, part)
+            if len(items) < most:
+                items.append(_text(value)[:_MAX_VALUE])
 
         return append
     raise ValueError(f"not a scope field: {field}")

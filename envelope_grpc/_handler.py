@@ -54,3 +54,16 @@ def reject(
     env = _required()
     model.reject(env, reason_code, message, status_code=code.value[0], actor=k.ACTOR_BACKEND)
     return abort_status(env, code, reason_code, message, {})
+
+
+def fail(reason_code: str, message: str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> grpc.Status:
+    """Record why the backend fails the call (at any step after admission)
+    and return the status to abort with, carrying an ErrorInfo; the envelope
+    ends FAILED with this reason when the call ends."""
+    env = _required()
+    if model.is_terminal(env):
+        raise model.LifecycleError(
+            env.lifecycle.state, env.lifecycle.state, "fail an envelope that has ended"
+        )
+    env.outcome.reason_code = reason_code
+    return abort_status(env, code, reason_code, message, {})

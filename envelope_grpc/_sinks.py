@@ -131,11 +131,14 @@ class JsonLinesSink:
     def __init__(self, path: str = "-") -> None:
         self._stream: IO[str] = sys.stdout if path == "-" else open(path, "a", encoding="utf-8")  # noqa: SIM115
         self._owned = path != "-"
+        self._lock = threading.Lock()  # one sink may serve several servers' dispatchers
 
     def write(self, envelopes: Sequence[ExecutionEnvelope], /) -> None:
         """Append each envelope as one line and flush."""
-        self._stream.write("".join(to_json(env, indent=None).replace("\n", "") + "\n" for env in envelopes))
-        self._stream.flush()
+        lines = "".join(to_json(env, indent=None) + "\n" for env in envelopes)
+        with self._lock:
+            self._stream.write(lines)
+            self._stream.flush()
 
     def close(self) -> None:
         """Close the file (stdout stays open)."""

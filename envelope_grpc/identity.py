@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cryptography.x509.oid import NameOID
 
-from envelope_grpc._core import CallInfo, Peer, TrustPeer, Unauthenticated
+from envelope_grpc._types import CallInfo, Peer, TrustPeer, Unauthenticated
 from envelope_grpc._values import FLAG_GATEWAY_HEADERS_UNTRUSTED
 from envelope_grpc.v1.envelope_pb2 import AuthMethod, Principal, PrincipalKind
 

@@ -601,3 +601,26 @@ def test_releasing_policy_gives_back_when_the_call_ends(backend: Start) -> None:
         server.stub.Run(pb.RunRequest(model="m", behavior="fail"))
     envelopes = server.envelopes(3)
     assert sorted(counting.released) == sorted(counting.taken) == sorted(env.envelope_id for env in envelopes)
+
+
+def test_negative_resource_request_is_invalid_argument(backend: Start) -> None:
+    server = backend()
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(pb.RunRequest(model="m", max_tokens=-5, accelerators=pb.Accelerators(count=1)))
+    (env,) = server.envelopes(1)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).reason == "INVALID_RESOURCE"
+    assert env.decision.message == "requested tokens must not be negative"
+    assert not env.requested.HasField("tokens")
+    assert env.requested.accelerator_count == 1
+    assert validate(env) == []
+
+
+def test_overlong_request_values_are_cut_to_the_contract(backend: Start) -> None:
+    server = backend()
+    server.stub.Run(pb.RunRequest(model="m" * 300, engine="e" * 600, region="r" * 100))
+    (env,) = server.envelopes(1)
+    assert env.execution.target.name == "m" * 256
+    assert env.execution.target.attributes["engine"] == "e" * 512
+    assert env.scope.region == "r" * 64
+    assert validate(env) == []
