@@ -29,10 +29,12 @@ from envelope_grpc._server import EnvelopeServerInterceptor
 from envelope_grpc._sinks import JsonLinesSink, Sink, SinkDispatcher, SinkStats
 from envelope_grpc._types import CallInfo, Peer, Resolver, TrustPeer, Unauthenticated
 from envelope_grpc.identity import ClaimMap, GatewayResolver, JwtResolver, MtlsResolver, trust_networks
+from envelope_grpc.quota import Budget, MemoryQuotaStore, QuotaPolicy, QuotaStore, RedisQuotaStore
 
 __all__ = [
     "Action",
     "Allow",
+    "Budget",
     "CallInfo",
     "ClaimMap",
     "Deny",
@@ -48,11 +50,15 @@ __all__ = [
     "LifecycleError",
     "Limit",
     "LimitsPolicy",
+    "MemoryQuotaStore",
     "MtlsResolver",
     "Narrow",
     "Peer",
     "Policy",
     "PolicySpec",
+    "QuotaPolicy",
+    "QuotaStore",
+    "RedisQuotaStore",
     "Resolver",
     "Sink",
     "SinkDispatcher",

@@ -425,7 +425,7 @@ def _negative(env: ExecutionEnvelope) -> tuple[str, Deny] | None:
     if not negative:
         return None
     for name in negative:
-        env.requested.ClearField(name)  # type: ignore[arg-type]
+        env.requested.ClearField(name)
     message = f"requested {', '.join(negative)} must not be negative"
     return "extractor", Deny(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESOURCE", message, BASIS_INVALID)
 

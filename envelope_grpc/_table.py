@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import IO, Final
 
 from envelope_grpc._telemetry import KIND_NAMES, OUTCOME_NAMES, STATE_NAMES
+from envelope_grpc._values import OUTCOME_ADMITTED
 from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope, Resources
 
 _GIB: Final = 1 << 30
@@ -62,6 +63,9 @@ def row(env: ExecutionEnvelope) -> tuple[str, ...]:
     decision = OUTCOME_NAMES[env.decision.outcome]
     if env.decision.reason_code:
         decision += f" ({env.decision.reason_code})"
+    final = env.grants[-1] if len(env.grants) > 1 else None
+    if final is not None and final.outcome != OUTCOME_ADMITTED:
+        decision += f"; backend {OUTCOME_NAMES[final.outcome]} ({final.reason_code})"
     state = STATE_NAMES[env.lifecycle.state]
     if env.outcome.reason_code and env.outcome.reason_code != env.decision.reason_code:
         state += f" ({env.outcome.reason_code})"

@@ -73,6 +73,14 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
             return await asyncio.to_thread(core.begin, plan, context, request)
         return core.begin(plan, context, request)
 
+    async def end(call: Call, context: Any, error: BaseException | None = None) -> None:
+        # Releasing blocking policies (a Redis quota) must not stall the loop; a
+        # cancelled task cannot await, so it ends in place.
+        if core.blocking and not isinstance(error, asyncio.CancelledError):
+            await asyncio.to_thread(core.end, call, context, error)
+        else:
+            core.end(call, context, error)
+
     async def begin(request_or_iterator: Any, context: Any) -> tuple[Call, Any]:
         if request_streaming:
             iterator = aiter(request_or_iterator)
@@ -93,9 +101,9 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
             response = await behavior(argument, context)
             call.count_response(response)
         except BaseException as error:
-            core.end(call, context, error)
+            await end(call, context, error)
             raise
-        core.end(call, context)
+        await end(call, context)
         return response
 
     async def stream_response(request_or_iterator: Any, context: Any) -> AsyncIterator[Any]:
@@ -109,9 +117,9 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
             else:  # a handler that writes with context.write()
                 await behavior(argument, context)
         except BaseException as error:
-            core.end(call, context, error)
+            await end(call, context, error)
             raise
-        core.end(call, context)
+        await end(call, context)
 
     return factory(
         stream_response if handler.response_streaming else unary_response,
