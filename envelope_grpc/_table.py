@@ -18,9 +18,12 @@ _LABELS: Final = (
     ("accelerator_type", ""),
     ("replicas_max", "replicas"),
     ("memory_bytes", "mem"),
+    ("concurrency", "conc"),
     ("tokens", "tok"),
     ("bytes", "bytes"),
 )
+#: The columns; "decision" is admission's outcome, then the backend's grant
+#: outcome when it differs ("admitted → narrowed").
 HEADER: Final = (
     "envelope",
     "parent",
@@ -65,7 +68,7 @@ def row(env: ExecutionEnvelope) -> tuple[str, ...]:
         decision += f" ({env.decision.reason_code})"
     final = env.grants[-1] if len(env.grants) > 1 else None
     if final is not None and final.outcome != OUTCOME_ADMITTED:
-        decision += f"; backend {OUTCOME_NAMES[final.outcome]} ({final.reason_code})"
+        decision += f" → {OUTCOME_NAMES[final.outcome]}"
     state = STATE_NAMES[env.lifecycle.state]
     if env.outcome.reason_code and env.outcome.reason_code != env.decision.reason_code:
         state += f" ({env.outcome.reason_code})"
