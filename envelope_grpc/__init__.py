@@ -28,7 +28,13 @@ from envelope_grpc._policy import Allow, Deny, Limit, LimitsPolicy, Narrow, Poli
 from envelope_grpc._server import EnvelopeServerInterceptor
 from envelope_grpc._sinks import JsonLinesSink, Sink, SinkDispatcher, SinkStats
 from envelope_grpc._types import CallInfo, Peer, Resolver, TrustPeer, Unauthenticated
-from envelope_grpc.cedar import CedarEvaluationError, CedarPolicy, CedarPolicyError, cedar_request, cedar_schema
+from envelope_grpc.cedar import (
+    CedarEvaluationError,
+    CedarPolicy,
+    CedarPolicyError,
+    cedar_request,
+    cedar_schema,
+)
 from envelope_grpc.identity import ClaimMap, GatewayResolver, JwtResolver, MtlsResolver, trust_networks
 from envelope_grpc.quota import Budget, MemoryQuotaStore, QuotaPolicy, QuotaStore, RedisQuotaStore
 

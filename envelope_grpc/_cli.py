@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -14,21 +15,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="serve on loopback, drive a scripted mix of calls, print the envelopes"
+        "demo", help="run the example backend on loopback, drive a scripted mix of calls, print the envelopes"
     )
     demo.add_argument(
         "--audit", default="envelopes.jsonl", help="JSON-lines audit file (default: %(default)s)"
     )
+    serve = commands.add_parser("serve", help="run the example backend until interrupted")
+    serve.add_argument(
+        "--audit", default="envelopes.jsonl", help="JSON-lines audit file (default: %(default)s)"
+    )
+    serve.add_argument("--root", default=None, help="directory of the data stores (default: a temporary one)")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from envelope_grpc import _demo
-
-        try:
-            return _demo.run(args.audit)
-        except OSError as error:
-            print(f"envelope-grpc: {error}", file=sys.stderr)
-            return 1
-    return 2  # pragma: no cover - argparse refuses unknown commands
+    # The example backend lives outside the library: it is loaded only here.
+    try:
+        if args.command == "demo":
+            return int(importlib.import_module("services._demo").run(args.audit))
+        return int(importlib.import_module("services._serve").run(args.audit, args.root))
+    except OSError as error:
+        print(f"envelope-grpc: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

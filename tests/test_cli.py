@@ -1,4 +1,4 @@
-"""The command line."""
+"""The command line: the demo backend end to end, and its errors."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ def test_demo_prints_the_envelopes_and_writes_the_audit_file(
     assert main(["demo", "--audit", str(audit)]) == 0
     printed = capsys.readouterr().out
     envelopes = [from_json(line) for line in audit.read_text().splitlines()]
-    assert len(envelopes) == 11
-    assert all(validate(env) == [] for env in envelopes)
-    assert printed.splitlines()[0].split() == [
+    assert len(envelopes) == 16
+    assert [(v.rule_id, v.field) for env in envelopes for v in validate(env)] == []
+    lines = printed.splitlines()
+    assert lines[0].split() == [
         "envelope",
         "parent",
+        "who",
         "tenant",
         "kind",
         "target",
@@ -30,15 +32,20 @@ def test_demo_prints_the_envelopes_and_writes_the_audit_file(
         "decision",
         "state",
     ]
-    assert "narrowed (LIMIT_NARROWED)" in printed
-    assert "denied (LIMIT_EXCEEDED)" in printed
-    assert "rejected (INSUFFICIENT_CAPACITY)" in printed
+    assert len(lines) == 2 + 16 + 2
+    assert {env.principal.subject for env in envelopes} >= {"alice", "bob", "ci-runner"}
+    for needle in ("LIMIT_NARROWED", "LIMIT_EXCEEDED", "CEDAR_FORBIDDEN", "rejected (VENDOR_MISMATCH)"):
+        assert needle in printed
+    (run,) = [env for env in envelopes if env.execution.target.name == "research"]
     children = [env for env in envelopes if env.lineage.parent_envelope_id]
-    (agent,) = [env for env in envelopes if env.execution.target.name == "agent"]
-    assert {env.lineage.parent_envelope_id for env in children} == {agent.envelope_id}
-    assert f"11 envelopes written to {audit}" in printed
+    assert len(children) == 3
+    assert {env.lineage.parent_envelope_id for env in children} == {run.envelope_id}
+    assert {env.trace_id for env in children} == {run.trace_id}
+    assert f"16 envelopes written to {audit}" in printed
 
 
-def test_demo_reports_an_unwritable_audit_path(capsys: pytest.CaptureFixture[str]) -> None:
+def test_unwritable_audit_path_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--audit", "/nonexistent/dir/audit.jsonl"]) == 1
-    assert capsys.readouterr().err.startswith("envelope-grpc: ")
+    error = capsys.readouterr().err
+    assert error.startswith("envelope-grpc: ")
+    assert error.count("\n") == 1
