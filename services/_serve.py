@@ -1,0 +1,34 @@
+"""`envelope-grpc serve`: every example service on its own loopback port,
+with the envelope interceptors and a JSON-lines audit sink, until SIGINT or
+SIGTERM. Spans go to an OTLP backend when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import IO
+
+from envelope_grpc import EnvelopeConfig, JsonLinesSink
+from services._backend import NAMES, start_backend
+from services._runtime import tracer_provider, trusted_loopback
+
+
+def run(audit_path: str, root: str | None = None, out: IO[str] = sys.stdout) -> int:
+    """Serve until interrupted; an exit status."""
+    sink = JsonLinesSink(audit_path)
+    provider = tracer_provider("envelope-grpc")
+    backend = start_backend(
+        lambda name: EnvelopeConfig(sinks=[sink], trust_peer=trusted_loopback), provider, root=root
+    )
+    for name in NAMES:
+        out.write(f"{name:14s} {backend.address(name)}\n")
+    out.write(f"audit: {audit_path}; stores: {backend.root}; Ctrl-C stops\n")
+    out.flush()
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    stopped.wait()
+    backend.stop()
+    provider.shutdown()
+    return 0
