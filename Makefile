@@ -23,7 +23,7 @@ lint: $(READY)
 	$(BIN)/ruff format --check .
 
 typecheck: $(READY)
-	$(BIN)/mypy envelope_grpc
+	$(BIN)/mypy envelope_grpc services benchmarks
 
 # The generated code under envelope_grpc/ and services/ comes from proto/ only.
 proto: $(READY)

@@ -11,6 +11,7 @@ status. Get, List and Stop read and change the deployments kept in memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ import grpc
 
 import envelope_grpc
 from envelope_grpc import ExtractorRegistry
-from envelope_grpc.v1.envelope_pb2 import Binding, ExecutionEnvelope, GrantStage, Resources, Usage
+from envelope_grpc.v1.envelope_pb2 import Binding, ExecutionEnvelope, Grant, GrantStage, Resources, Usage
 from services.deployment.placement import (
     QUANTITY_FIELDS,
     Adjustment,
@@ -77,18 +78,23 @@ def resources(granted: Quantities) -> Resources:
     return found
 
 
+@functools.cache
+def _deploy_extractor() -> envelope_grpc.Extractor:
+    extractor = ExtractorRegistry().plan(DEPLOY_METHOD).extractor
+    assert extractor is not None, "DeployModelRequest carries envelope annotations"
+    return extractor
+
+
 def requested_resources(request: pb.DeployModelRequest) -> Resources:
     """What a request asks for, read through its own annotations, for a
     servicer that runs without the envelope interceptor."""
-    extractor = ExtractorRegistry().plan(DEPLOY_METHOD).extractor
-    assert extractor is not None, "DeployModelRequest carries envelope annotations"
-    return extractor(request).requested
+    return _deploy_extractor()(request).requested
 
 
-def _admission_grant(env: ExecutionEnvelope | None) -> Resources | None:
+def _admission_grant(env: ExecutionEnvelope | None) -> Grant | None:
     if env is None:
         return None
-    return next((g.resources for g in env.grants if g.stage == _ADMISSION), None)
+    return next((g for g in env.grants if g.stage == _ADMISSION), None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -119,7 +125,8 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
     ) -> pb.DeployModelResponse:
         env = envelope_grpc.current_envelope()
         requested = env.requested if env is not None else requested_resources(request)
-        ceiling = _admission_grant(env)
+        admitted = _admission_grant(env)
+        ceiling = admitted.resources if admitted is not None else None
         ask = Ask(
             model=request.model_id,
             resources=quantities(requested),
@@ -204,13 +211,11 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
         else:
             admitted = _admission_grant(env)
             extra = []
-            if admitted is not None and admitted != env.requested:
-                grant = env.grants[0]
+            if admitted is not None and admitted.resources != env.requested:
                 policy = env.decision.deciding_policy
-                text = (
-                    f"admission policy {policy}: {grant.reason}" if policy else f"admission: {grant.reason}"
-                )
-                extra.append(Adjustment(grant.reason_code or "ADMISSION_NARROWED", text))
+                by = f"admission policy {policy}" if policy else "admission"
+                code = admitted.reason_code or "ADMISSION_NARROWED"
+                extra.append(Adjustment(code, f"{by}: {admitted.reason}"))
             code, reason = summarize(placement.adjustments, extra)
             if not reason:
                 code, reason = "PLACEMENT_ADJUSTED", "placement granted other resources than asked"

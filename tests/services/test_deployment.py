@@ -348,10 +348,10 @@ def test_summarize() -> None:
 class Server:
     """The deployment service on 127.0.0.1:0 with the envelope interceptors."""
 
-    def __init__(self, service_list: Sequence[_runtime.Service], config: EnvelopeConfig) -> None:
+    def __init__(self, service_list: Sequence[_runtime.Service], policies: Sequence[Any]) -> None:
         self.collector = Collector()
         config = EnvelopeConfig(
-            policies=config.policies, sinks=[self.collector], trust_peer=_runtime.trusted_loopback
+            policies=policies, sinks=[self.collector], trust_peer=_runtime.trusted_loopback
         )
         self.running = _runtime.start(service_list, config)
         self.channel = grpc.insecure_channel(self.running.address)
@@ -377,9 +377,7 @@ def serve() -> Iterator[Callable[..., Server]]:
     def start(
         *, policies: Sequence[Any] = (), service_list: Sequence[_runtime.Service] | None = None
     ) -> Server:
-        server = Server(
-            service_list if service_list is not None else services(), EnvelopeConfig(policies=policies)
-        )
+        server = Server(service_list if service_list is not None else services(), policies)
         started.append(server)
         return server
 
