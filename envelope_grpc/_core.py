@@ -29,7 +29,7 @@ from envelope_grpc import _constants as k
 from envelope_grpc import _envelope as model
 from envelope_grpc._extract import Action, Extraction, ExtractorRegistry, MethodPlan
 from envelope_grpc._policy import Deny, Policy, PolicySpec, Releasing, admit, as_spec
-from envelope_grpc._sinks import Sink, SinkDispatcher, SinkStats
+from envelope_grpc._sinks import Sink, SinkDispatcher, SinkStats, WriteAheadSink
 from envelope_grpc._telemetry import OUTCOME_NAMES, Metrics, annotate
 from envelope_grpc._types import CallInfo, Peer, Resolver, TrustPeer, Unauthenticated
 from envelope_grpc._values import (
@@ -155,9 +155,13 @@ class Core:
         self.config = config
         self.extractors = config.extractors
         self.policies = tuple(as_spec(policy) for policy in config.policies)
-        #: Whether admission may block (I/O or budgeted policies): grpc.aio
-        #: servers then admit off the event loop.
-        self.blocking = any(spec.blocking or spec.budget is not None for spec in self.policies)
+        #: Sinks that record envelopes at admission too.
+        self.write_ahead = tuple(sink for sink in config.sinks if isinstance(sink, WriteAheadSink))
+        #: Whether admission may block (I/O or budgeted policies, write-ahead
+        #: sinks): grpc.aio servers then admit off the event loop.
+        self.blocking = bool(self.write_ahead) or any(
+            spec.blocking or spec.budget is not None for spec in self.policies
+        )
         self.metrics = Metrics(config.meter_provider)
         self.dispatcher = (
             SinkDispatcher(config.sinks, max_queue=config.max_sink_queue) if config.sinks else None
@@ -337,6 +341,13 @@ class Core:
         )
         model.transition(env, model.ADMITTED, actor=k.ACTOR_ADMISSION, reason=decision.reason_code)
         self.metrics.record(env)
+        for sink in self.write_ahead:
+            try:
+                sink.admitted(env)
+            except Exception:  # counted like any sink loss; the call goes on
+                if self.dispatcher is not None:
+                    self.dispatcher.count_failure(1)
+                _log.exception("write-ahead sink %r lost envelope %s", sink, env.envelope_id)
         return None
 
     def _refuse(self, call: Call, policy: str, deny: Deny) -> AbortStatus:

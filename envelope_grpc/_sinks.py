@@ -14,7 +14,7 @@ import queue
 import sys
 import threading
 from collections.abc import Sequence
-from typing import IO, Protocol
+from typing import IO, Protocol, runtime_checkable
 
 from envelope_grpc._envelope import to_json
 from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope
@@ -28,6 +28,18 @@ class Sink(Protocol):
     def write(self, envelopes: Sequence[ExecutionEnvelope], /) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class WriteAheadSink(Sink, Protocol):
+    """A sink that also records each envelope when it is admitted, before the
+    handler runs, so that a process that dies mid-call leaves the admitted,
+    unfinished envelope behind. ``admitted`` runs on the RPC path: it gets the
+    envelope itself (copy or serialize it before returning) and may block
+    until the record is durable (group commit). The terminal envelope comes
+    later through ``write``."""
+
+    def admitted(self, envelope: ExecutionEnvelope, /) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -66,6 +78,11 @@ class SinkDispatcher:
                 dropped = self._dropped
             if dropped == 1 or dropped % 1000 == 0:
                 _log.warning("audit queue full: %d envelope(s) dropped so far", dropped)
+
+    def count_failure(self, lost: int) -> None:
+        """Count envelopes a sink lost outside the dispatcher's thread."""
+        with self._lock:
+            self._failed += lost
 
     def stats(self) -> SinkStats:
         """What was submitted, written, dropped (queue full) and failed (sink error)."""

@@ -7,6 +7,7 @@ import pathlib
 import threading
 from typing import Any
 
+import grpc
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -135,3 +136,47 @@ def test_current_envelope_is_none_outside_a_call() -> None:
     assert envelope_grpc.current_envelope() is None
     with pytest.raises(RuntimeError, match="not inside a call"):
         envelope_grpc.record_usage(ExecutionEnvelope().outcome.usage)
+
+
+class Ahead:
+    """A write-ahead sink that keeps what it saw at admission and at the end."""
+
+    def __init__(self) -> None:
+        self.at_admission: list[ExecutionEnvelope] = []
+        self.at_end: list[ExecutionEnvelope] = []
+
+    def admitted(self, envelope: ExecutionEnvelope, /) -> None:
+        snapshot = ExecutionEnvelope()
+        snapshot.CopyFrom(envelope)
+        self.at_admission.append(snapshot)
+
+    def write(self, envelopes: Any, /) -> None:
+        self.at_end.extend(envelopes)
+
+    def close(self) -> None:
+        pass
+
+
+def test_write_ahead_sink_records_admission_before_the_handler(backend: Any) -> None:
+    ahead = Ahead()
+    server: Backend = backend(EnvelopeConfig(sinks=[ahead]))
+    reply = server.stub.Run(pb.RunRequest(model="m", behavior="bind"))
+    (env,) = server.envelopes(1)
+    assert server.interceptor.core.dispatcher.flush()
+    (early,) = ahead.at_admission
+    assert early.envelope_id == reply.envelope_id == env.envelope_id
+    assert [s.to for s in early.lifecycle.transitions] == [1, 2, 3]  # RECEIVED, NORMALIZED, ADMITTED
+    assert [e.envelope_id for e in ahead.at_end] == [env.envelope_id]
+    assert ahead.at_end[0].lifecycle.state == 6  # COMPLETED
+
+
+def test_refused_calls_are_not_written_ahead(backend: Any) -> None:
+    ahead = Ahead()
+    limits = LimitsPolicy([Limit(ResourceDimension.RESOURCE_DIMENSION_TOKENS, 1, deny=True)])
+    server: Backend = backend(EnvelopeConfig(sinks=[ahead], policies=[limits]))
+    with pytest.raises(grpc.RpcError):
+        server.stub.Run(pb.RunRequest(model="m", max_tokens=5))
+    server.envelopes(1)
+    assert server.interceptor.core.dispatcher.flush()
+    assert ahead.at_admission == []
+    assert len(ahead.at_end) == 1
