@@ -145,7 +145,8 @@ def main(
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
-    stopped.wait()
+    while not stopped.wait(0.5):  # a signal may land on a grpc thread: poll, do not block forever
+        pass
     running.stop(grace=2)
     provider.shutdown()
     return 0

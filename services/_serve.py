@@ -28,7 +28,8 @@ def run(audit_path: str, root: str | None = None, out: IO[str] = sys.stdout) -> 
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
-    stopped.wait()
+    while not stopped.wait(0.5):  # a signal may land on a grpc thread: poll, do not block forever
+        pass
     backend.stop()
     provider.shutdown()
     return 0
