@@ -19,18 +19,21 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, client_interceptor
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 import envelope_grpc
 import envelope_grpc.aio
 from envelope_grpc import EnvelopeConfig
 from envelope_grpc.testing.v1 import testing_pb2 as pb
 from envelope_grpc.testing.v1 import testing_pb2_grpc as pb_grpc
-from envelope_grpc.v1.envelope_pb2 import Binding, ExecutionEnvelope, Resources, Usage
+from envelope_grpc.v1.envelope_pb2 import Binding, ExecutionEnvelope, LifecycleState, Resources, Usage
 
 
 class Collector:
@@ -304,3 +307,28 @@ def backend(flavor: str, spans: InMemorySpanExporter) -> Iterator[Callable[..., 
     yield start
     for server in started:
         server.close()
+
+
+def states(env: ExecutionEnvelope) -> list[str]:
+    """The names of the states an envelope went through, e.g. ["RECEIVED", ...]."""
+    return [
+        LifecycleState.Name(step.to).removeprefix("LIFECYCLE_STATE_") for step in env.lifecycle.transitions
+    ]
+
+
+def server_span(spans: InMemorySpanExporter, method: str, count: int = 1) -> ReadableSpan:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        found = [s for s in spans.get_finished_spans() if s.name == method and s.kind is SpanKind.SERVER]
+        if len(found) >= count:
+            return found[count - 1]
+        time.sleep(0.01)
+    raise AssertionError(f"no server span for {method}")
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info

@@ -39,8 +39,8 @@ from envelope_grpc.v1.envelope_pb2 import (
     Target,
     Usage,
 )
-from tests.conftest import Backend
-from tests.test_interceptors import RUN, SERVICE, error_info
+from tests.conftest import Backend, error_info
+from tests.test_interceptors import RUN, SERVICE
 
 Start = Callable[..., Backend]
 O = DecisionOutcome  # noqa: E741

@@ -42,8 +42,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     ExecutionEnvelope,
     PrincipalKind,
 )
-from tests.conftest import AsyncServicer, Backend, Collector, SyncServicer
-from tests.test_interceptors import error_info, server_span, states
+from tests.conftest import AsyncServicer, Backend, Collector, SyncServicer, error_info, server_span, states
 
 RUN = "/envelope_grpc.testing.v1.ExecutionTestService/Run"
 REQUEST = pb.RunRequest(model="llama-3-8b", max_tokens=16, behavior="ok")

@@ -9,11 +9,8 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import StatusCode
 
 from envelope_grpc import (
     Action,
@@ -40,34 +37,12 @@ from envelope_grpc.v1.envelope_pb2 import (
     ResourceDimension,
     Target,
 )
-from tests.conftest import Backend
+from tests.conftest import Backend, error_info, server_span, states
 
 SERVICE = "/envelope_grpc.testing.v1.ExecutionTestService"
 S = LifecycleState
 O = DecisionOutcome  # noqa: E741
 Start = Callable[..., Backend]
-
-
-def states(env: ExecutionEnvelope) -> list[str]:
-    return [S.Name(step.to).removeprefix("LIFECYCLE_STATE_") for step in env.lifecycle.transitions]
-
-
-def server_span(spans: InMemorySpanExporter, method: str, count: int = 1) -> ReadableSpan:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        found = [s for s in spans.get_finished_spans() if s.name == method and s.kind is SpanKind.SERVER]
-        if len(found) >= count:
-            return found[count - 1]
-        time.sleep(0.01)
-    raise AssertionError(f"no server span for {method}")
-
-
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
 
 
 def trailers(call: Any) -> dict[str, str]:

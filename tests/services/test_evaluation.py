@@ -12,8 +12,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 import envelope_grpc
 import services.evaluation
@@ -32,7 +30,7 @@ from services._runtime import start
 from services.evaluation._catalog import builtin
 from services.evaluation.v1 import evaluation_pb2 as pb
 from services.evaluation.v1 import evaluation_pb2_grpc as pb_grpc
-from tests.conftest import Collector
+from tests.conftest import Collector, error_info
 
 CATALOG = builtin()
 NODE = "eval-node-1"
@@ -125,14 +123,6 @@ def regression_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, fl
 
 def close_to(expected: Mapping[str, float]) -> Any:
     return pytest.approx(dict(expected), rel=1e-12, abs=1e-12)
-
-
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
 
 
 def steps(env: ExecutionEnvelope) -> list[int]:
