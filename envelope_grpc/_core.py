@@ -299,9 +299,7 @@ class Core:
                 env.scope.CopyFrom(found.scope)
                 model.record_requested(env, found.requested)
         if found is not None:
-            principal = env.principal
-            principal.tenant = principal.tenant or found.tenant
-            principal.project = principal.project or found.project
+            _declared(env, found)
         if request is not None and 0 < request.ByteSize() <= self.config.digest_max_bytes:
             execution.request_digest = "sha256:" + hashlib.sha256(request.SerializeToString()).hexdigest()
         model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
@@ -425,6 +423,20 @@ class Core:
         """Flush and close the audit sinks."""
         if self.dispatcher is not None:
             self.dispatcher.close()
+
+
+def _declared(env: ExecutionEnvelope, found: Extraction) -> None:
+    """Tenant and project a request declares are untrusted: they fill the
+    principal only for an unauthenticated caller; for an authenticated one a
+    different claim is kept as a scope hint, never as identity."""
+    principal = env.principal
+    for part, claimed in (("tenant", found.tenant), ("project", found.project)):
+        if not claimed or claimed == getattr(principal, part):
+            continue
+        if principal.auth_method == AUTH_NONE and not getattr(principal, part):
+            setattr(principal, part, claimed)
+        elif len(env.scope.hints) < 32:
+            env.scope.hints[f"declared_{part}"] = claimed
 
 
 def _negative(env: ExecutionEnvelope) -> tuple[str, Deny] | None:

@@ -303,6 +303,23 @@ def test_optional_token_missing_leaves_the_caller_anonymous(backend: Start) -> N
     assert states(env)[-1] == "COMPLETED"
 
 
+def test_a_tenant_the_request_declares_never_overrides_the_token(backend: Start) -> None:
+    server = backend(EnvelopeConfig(resolvers=[hs_resolver()]))
+    server.stub.Run(pb.RunRequest(model="m", tenant="globex"), metadata=bearer(hs256()))
+    server.stub.Run(pb.RunRequest(model="m", tenant="globex"), metadata=bearer(hs256(tenant=None)))
+    server.stub.Run(pb.RunRequest(model="m", tenant="globex"))
+    with_tenant, without_tenant, anonymous = server.envelopes(3)
+    assert (with_tenant.principal.tenant, dict(with_tenant.scope.hints)) == (
+        "acme",
+        {"declared_tenant": "globex"},
+    )
+    assert (without_tenant.principal.tenant, dict(without_tenant.scope.hints)) == (
+        "",
+        {"declared_tenant": "globex"},
+    )
+    assert (anonymous.principal.tenant, dict(anonymous.scope.hints)) == ("globex", {})
+
+
 # -- gateway headers -----------------------------------------------------------------------------
 
 GATEWAY_HEADERS = (
