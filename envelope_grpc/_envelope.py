@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, TypeAlias
@@ -108,9 +109,16 @@ class Violation:
     message: str
 
 
+# Ids only need to be unique, never secret (an envelope is no authority):
+# a generator seeded from the OS, so that a call makes no system call that
+# would hand the GIL to another thread mid-admission (os.urandom does).
+_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))  # no shared ids after fork
+
+
 def new_id() -> str:
     """A fresh envelope id: 32 lowercase hex digits (128 random bits)."""
-    return os.urandom(16).hex()
+    return f"{_ids.getrandbits(128):032x}"
 
 
 def stamp(timestamp: Timestamp, ns: int) -> None:
@@ -127,11 +135,10 @@ def new_envelope(
     now_ns: int | None = None,
 ) -> ExecutionEnvelope:
     """An envelope in state RECEIVED for a call of ``method``."""
-    fresh = os.urandom(32).hex() if not (envelope_id and request_id) else ""
     env = ExecutionEnvelope(
-        envelope_id=envelope_id or fresh[:32],
+        envelope_id=envelope_id or new_id(),
         schema_version=SCHEMA_VERSION,
-        request_id=request_id or fresh[32:],
+        request_id=request_id or new_id(),
     )
     env.execution.method = method
     now = time.time_ns() if now_ns is None else now_ns

@@ -823,3 +823,21 @@ def test_from_json_rejects_unknown_enum_name() -> None:
 def test_generated_module_is_the_one_the_model_uses() -> None:
     assert envelope_pb2.ExecutionEnvelope is ExecutionEnvelope
     assert type(_fresh()) is ExecutionEnvelope
+
+
+def test_ids_differ_across_a_fork() -> None:
+    import os
+
+    from envelope_grpc._envelope import new_id
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, new_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert len(child) == 32
+    assert child != new_id()
