@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -599,3 +600,21 @@ def test_overlong_request_values_are_cut_to_the_contract(backend: Start) -> None
     assert env.execution.target.attributes["engine"] == "e" * 512
     assert env.scope.region == "r" * 64
     assert validate(env) == []
+
+
+def test_blocking_policies_do_not_serialize_calls(backend: Start) -> None:
+    # In grpc.aio a blocking policy runs off the event loop: two calls meet in
+    # their admission (a barrier both must reach), as on a grpc server; were
+    # admissions serialized, the barrier would break and both calls fail.
+    barrier = threading.Barrier(2, timeout=5)
+
+    def meet(envelope: ExecutionEnvelope, /) -> Allow:
+        barrier.wait()
+        return Allow()
+
+    server = backend(EnvelopeConfig(policies=[PolicySpec(meet, blocking=True)]))
+    futures = [server.stub.Run.future(RUN) for _ in range(2)]
+    replies = [future.result() for future in futures]
+    envelopes = server.envelopes(2)
+    assert {reply.envelope_id for reply in replies} == {env.envelope_id for env in envelopes}
+    assert [env.decision.policies[0].error for env in envelopes] == ["", ""]
