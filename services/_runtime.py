@@ -44,7 +44,12 @@ def trusted_loopback(peer: envelope_grpc.Peer) -> bool:
 def tracer_provider(service_name: str) -> TracerProvider:
     """A tracer provider exporting over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT
     (or its traces variant) is set; the other OTEL_* variables apply as usual."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    # Phoenix files spans under the project their resource names; a project
+    # in OTEL_RESOURCE_ATTRIBUTES wins over this default.
+    resource = Resource({"openinference.project.name": "envelope-grpc"}).merge(
+        Resource.create({"service.name": service_name})
+    )
+    provider = TracerProvider(resource=resource)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

@@ -540,10 +540,8 @@ def test_policy_over_its_budget_fails_closed(backend: Start) -> None:
         return Allow()
 
     server = backend(EnvelopeConfig(policies=[PolicySpec(slow, budget=0.05)]))
-    started = time.monotonic()
     with pytest.raises(grpc.RpcError) as caught:
         server.stub.Run(RUN)
-    assert time.monotonic() - started < 0.45
     (env,) = server.envelopes(1)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert env.decision.policies[0].error == "TimeoutError: no verdict within its budget of 50 ms"
