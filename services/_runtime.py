@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 import envelope_grpc
 from envelope_grpc import EnvelopeConfig, ExtractorRegistry
@@ -43,18 +43,35 @@ def trusted_loopback(peer: envelope_grpc.Peer) -> bool:
 
 def tracer_provider(service_name: str) -> TracerProvider:
     """A tracer provider exporting over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT
-    (or its traces variant) is set; the other OTEL_* variables apply as usual."""
-    # Phoenix files spans under the project their resource names; a project
-    # in OTEL_RESOURCE_ATTRIBUTES wins over this default.
-    resource = Resource({"openinference.project.name": "envelope-grpc"}).merge(
-        Resource.create({"service.name": service_name})
-    )
-    provider = TracerProvider(resource=resource)
+    (or its traces variant) is set, over gRPC or HTTP as
+    OTEL_EXPORTER_OTLP_PROTOCOL says; the other OTEL_* variables apply as
+    usual, and OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over the
+    defaults here (the service name, and the Phoenix project "envelope-grpc")."""
+    detected = Resource.create()
+    defaults: dict[str, str] = {}
+    if "openinference.project.name" not in detected.attributes:
+        defaults["openinference.project.name"] = "envelope-grpc"
+    if str(detected.attributes.get("service.name", "")).startswith("unknown_service"):
+        defaults["service.name"] = service_name
+    provider = TracerProvider(resource=detected.merge(Resource(defaults)))
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
     return provider
+
+
+def _otlp_exporter() -> SpanExporter:
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
+    )
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+
+        return Grpc()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+        return Http()
+    raise OSError(f"unsupported OTEL_EXPORTER_OTLP_PROTOCOL {protocol!r} (use grpc or http/protobuf)")
 
 
 @dataclasses.dataclass
