@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: install test check lint typecheck proto proto-check baseline bench demo clean
+.PHONY: install test check lint typecheck proto proto-check baseline bench demo clean \
+	phoenix demo-tracing e2e screenshot
 
 $(READY): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +16,9 @@ $(READY): pyproject.toml
 
 install: $(READY)
 
+# tests/e2e needs Phoenix: `make e2e` runs it.
 test: $(READY)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=tests/e2e
 
 lint: $(READY)
 	$(BIN)/ruff check .
@@ -46,11 +48,42 @@ baseline: $(READY)
 
 check: lint typecheck proto-check test
 
+# The gRPC bench, then ledger write throughput (SQLite; PostgreSQL when one can run).
 bench: $(READY)
 	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks.ledger
 
 demo: $(READY)
 	$(BIN)/envelope-grpc demo
+
+# Phoenix, an OTLP tracing backend with a web UI, in a virtual environment of
+# its own (~850 MB; its packages pinned by tools/phoenix-constraints.txt).
+# The `*` .gitignore inside keeps git and ruff out of it.
+PHOENIX_VERSION := 20.26.1
+PHOENIX_VENV ?= .venv-phoenix
+PHOENIX_READY := $(PHOENIX_VENV)/.ready-$(PHOENIX_VERSION)
+
+$(PHOENIX_READY): tools/phoenix-constraints.txt
+	test -x $(PHOENIX_VENV)/bin/python || $(PYTHON) -m venv $(PHOENIX_VENV)
+	echo '*' > $(PHOENIX_VENV)/.gitignore
+	$(PHOENIX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PHOENIX_VENV)/bin/python -m pip install --quiet -c tools/phoenix-constraints.txt 'arize-phoenix==$(PHOENIX_VERSION)'
+	touch $@
+
+phoenix: $(PHOENIX_READY)
+
+# The demo's spans in Phoenix, on loopback; it prints the UI's address and runs until Ctrl-C.
+demo-tracing: $(READY) $(PHOENIX_READY)
+	$(BIN)/python tools/phoenix.py --venv $(PHOENIX_VENV) demo
+
+# Phoenix, the demo's traffic into it, and the envelopes read back (tests/e2e).
+e2e: $(READY) $(PHOENIX_READY)
+	ENVELOPE_GRPC_E2E=1 PHOENIX_VENV=$(PHOENIX_VENV) $(BIN)/python -m pytest tests/e2e
+
+# docs/phoenix-trace.png: the agent run's trace in Phoenix's UI, by Debian's headless Chromium.
+screenshot: $(READY) $(PHOENIX_READY)
+	command -v chromium >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+	$(BIN)/python tools/phoenix.py --venv $(PHOENIX_VENV) screenshot docs/phoenix-trace.png
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
