@@ -26,7 +26,7 @@ from envelope_grpc._extract import Action, Extraction, Extractor, ExtractorRegis
 from envelope_grpc._handler import current_envelope, fail, record_binding, record_grant, record_usage, reject
 from envelope_grpc._policy import Allow, Deny, Limit, LimitsPolicy, Narrow, Policy, PolicySpec, Verdict
 from envelope_grpc._server import EnvelopeServerInterceptor
-from envelope_grpc._sinks import JsonLinesSink, Sink, SinkDispatcher, SinkStats
+from envelope_grpc._sinks import JsonLinesSink, Sink, SinkDispatcher, SinkStats, WriteAheadSink
 from envelope_grpc._types import CallInfo, Peer, Resolver, TrustPeer, Unauthenticated
 from envelope_grpc.cedar import (
     CedarEvaluationError,
@@ -36,6 +36,7 @@ from envelope_grpc.cedar import (
     cedar_schema,
 )
 from envelope_grpc.identity import ClaimMap, GatewayResolver, JwtResolver, MtlsResolver, trust_networks
+from envelope_grpc.ledger import Filters, Ledger, LedgerError, LedgerSink, open_ledger
 from envelope_grpc.quota import Budget, MemoryQuotaStore, QuotaPolicy, QuotaStore, RedisQuotaStore
 
 __all__ = [
@@ -54,9 +55,13 @@ __all__ = [
     "Extraction",
     "Extractor",
     "ExtractorRegistry",
+    "Filters",
     "GatewayResolver",
     "JsonLinesSink",
     "JwtResolver",
+    "Ledger",
+    "LedgerError",
+    "LedgerSink",
     "LifecycleError",
     "Limit",
     "LimitsPolicy",
@@ -77,12 +82,14 @@ __all__ = [
     "Unauthenticated",
     "Verdict",
     "Violation",
+    "WriteAheadSink",
     "cedar_request",
     "cedar_schema",
     "current_envelope",
     "fail",
     "from_json",
     "new_envelope",
+    "open_ledger",
     "record_binding",
     "record_grant",
     "record_usage",

@@ -25,6 +25,7 @@ import tritonclient.grpc as triton
 
 from envelope_grpc import EnvelopeConfig, JsonLinesSink, JwtResolver, Limit, LimitsPolicy, PolicySpec, Sink
 from envelope_grpc._table import envelopes as print_table
+from envelope_grpc.ledger import ENV_VAR, LedgerError, LedgerSink
 from envelope_grpc.v1.envelope_pb2 import (
     DataClassification,
     ExecutionEnvelope,
@@ -216,12 +217,27 @@ class Traffic:
         self._call("alice", stub.RunWorkflow, request)
 
 
-def run(audit_path: str, out: IO[str] = sys.stdout) -> int:
+def ledger_url(audit_path: str, ledger: str | None = None) -> str:
+    """The demo's ledger: ``ledger``, else $ENVELOPE_GRPC_LEDGER, else
+    envelopes.db next to the audit file."""
+    beside = os.path.join(os.path.dirname(audit_path), "envelopes.db")
+    return ledger or os.environ.get(ENV_VAR) or f"sqlite:///{beside}"
+
+
+def run(audit_path: str, out: IO[str] = sys.stdout, *, ledger: str | None = None) -> int:
     """Start the backend, drive the traffic, print the envelopes; an exit status."""
     secret = os.urandom(32)
     resolver = JwtResolver(keys=secret, algorithms=["HS256"], issuer=ISSUER, audience=AUDIENCE)
     collected = _Collect()
-    sinks: list[Sink] = [JsonLinesSink(audit_path), collected]
+    audit = JsonLinesSink(audit_path)
+    url = ledger_url(audit_path, ledger)
+    try:
+        # One sink for every server: admitted envelopes are committed before their handlers run.
+        recorder = LedgerSink(url)
+    except LedgerError:
+        audit.close()
+        raise
+    sinks: list[Sink] = [audit, recorder, collected]
     policies = _policies()
 
     def config(name: str) -> EnvelopeConfig:
@@ -234,11 +250,12 @@ def run(audit_path: str, out: IO[str] = sys.stdout) -> int:
     try:
         Traffic(backend, secret).run()
     finally:
-        backend.stop()
+        backend.stop()  # each server's dispatcher closes the shared sinks; the ledger drains first
+        recorder.close()
         provider.shutdown()
     ordered = sorted(collected.envelopes, key=lambda env: env.lifecycle.start_time.ToNanoseconds())
     print_table(ordered, out)
-    out.write(f"\n{len(ordered)} envelopes written to {audit_path}\n")
+    out.write(f"\n{len(ordered)} envelopes written to {audit_path} and the ledger {recorder.url}\n")
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         out.write(f"spans exported to {os.environ['OTEL_EXPORTER_OTLP_ENDPOINT']}\n")
     return 0

@@ -1,0 +1,374 @@
+"""The ledger as text: envelope tables and lines, one envelope in full with
+its lineage tree, and the stats tables."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import IO, Any, Final
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from envelope_grpc import _table
+from envelope_grpc._envelope import DIMENSION_FIELDS
+from envelope_grpc._ledger_stats import LedgerStats
+from envelope_grpc._telemetry import KIND_NAMES, OUTCOME_NAMES, STATE_NAMES
+from envelope_grpc.ledger import LineageNode
+from envelope_grpc.v1.envelope_pb2 import (
+    AuthMethod,
+    DataClassification,
+    EnforcementMode,
+    EnvelopeFlag,
+    ExecutionEnvelope,
+    PrincipalKind,
+    Resources,
+)
+
+#: The envelope table's columns, after the start time.
+HEADER: Final = ("started", *_table.HEADER)
+_STATUS: Final = {code.value[0]: code.name for code in grpc.StatusCode}
+# Fixed widths for lines printed one at a time (tail): no table to measure.
+_WIDTHS: Final = (23, 8, 8, 10, 8, 14, 18, 18, 22, 28, 10)
+
+
+def _short(enum: Any, value: int, prefix: str) -> str:
+    try:
+        return str(enum.Name(value))[len(prefix) :].lower()
+    except ValueError:
+        return str(value)
+
+
+def when(ns: int) -> str:
+    """Nanoseconds since the epoch as local time to the millisecond."""
+    moment = datetime.datetime.fromtimestamp(ns / 1e9).astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+
+
+def _ns(stamp: Timestamp) -> int:
+    return stamp.seconds * 1_000_000_000 + stamp.nanos
+
+
+def _duration(ns: int) -> str:
+    if ns < 1_000_000:
+        return f"{ns / 1e3:.0f} µs"
+    if ns < 10_000_000_000:
+        return f"{ns / 1e6:.1f} ms"
+    return f"{ns / 1e9:.1f} s"
+
+
+def row(env: ExecutionEnvelope) -> tuple[str, ...]:
+    """One envelope as the cells of the ledger's table."""
+    return (when(_ns(env.lifecycle.start_time)), *_table.row(env))
+
+
+def table(envelopes: Sequence[ExecutionEnvelope], out: IO[str]) -> None:
+    """The envelope table of the demo, with each envelope's start time first."""
+    _table.render([row(env) for env in envelopes], out, HEADER)
+
+
+def line(cells: Sequence[str]) -> str:
+    """Cells padded to fixed widths, for tables printed a line at a time."""
+    return "  ".join(cell.ljust(width) for cell, width in zip(cells, _WIDTHS, strict=False)).rstrip()
+
+
+# -- one envelope ------------------------------------------------------------------------
+
+
+def _value(resources: Resources | None, field: Any) -> str:
+    if resources is None:
+        return ""
+    if field == "accelerator_type":
+        return resources.accelerator_type
+    return str(getattr(resources, field)) if resources.HasField(field) else ""
+
+
+def _label(env: ExecutionEnvelope) -> str:
+    target = env.execution.target
+    name = target.name or env.execution.method.rsplit("/", 1)[-1] or "?"
+    return f"{name}:{target.version}" if target.version else name
+
+
+def tree_lines(node: LineageNode, mark: str = "") -> list[str]:
+    """The tree drawn with box characters, one envelope a line: id, kind,
+    target, state; ``mark`` (an envelope id) gets an arrow."""
+    labels: list[tuple[str, ExecutionEnvelope]] = []
+
+    def walk(current: LineageNode, lead: str, branch: str) -> None:
+        labels.append((branch + current.envelope.envelope_id[:8], current.envelope))
+        for index, child in enumerate(current.children):
+            last = index == len(current.children) - 1
+            walk(child, lead + ("    " if last else "│   "), lead + ("└── " if last else "├── "))
+
+    walk(node, "", "")
+    rows = [
+        (
+            label,
+            KIND_NAMES.get(env.execution.kind, "?") if env.lifecycle.transitions else "(not recorded)",
+            _label(env) if env.lifecycle.transitions else "",
+            STATE_NAMES.get(env.lifecycle.state, "?") if env.lifecycle.transitions else "",
+            "◀" if mark and env.envelope_id == mark else "",
+        )
+        for label, env in labels
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, [*widths, 0], strict=True)).rstrip() for r in rows]
+
+
+def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None:
+    """Everything about one envelope, then its lineage tree."""
+    write = out.write
+    principal = env.principal
+    execution = env.execution
+    lifecycle = env.lifecycle
+    start = _ns(lifecycle.start_time)
+    write(f"envelope   {env.envelope_id}\n")
+    write(f"request    {env.request_id}\n")
+    if env.trace_id:
+        write(f"trace      {env.trace_id}  span {env.span_id}\n")
+    write(f"method     {execution.method}\n")
+    target = execution.target
+    what = f"{target.type} {_label(env)}".strip()
+    attributes = " ".join(f"{k}={v}" for k, v in sorted(target.attributes.items()))
+    kind = KIND_NAMES.get(execution.kind, "?")
+    write(f"kind       {kind} · {what}{' · ' + attributes if attributes else ''}\n")
+    who = [
+        f"{principal.subject or 'anonymous'} ("
+        f"{_short(PrincipalKind, principal.kind, 'PRINCIPAL_KIND_')}, "
+        f"{_short(AuthMethod, principal.auth_method, 'AUTH_METHOD_')})"
+    ]
+    for label, text in (
+        ("tenant", principal.tenant),
+        ("project", principal.project),
+        ("roles", ",".join(principal.roles)),
+        ("on behalf of", ",".join(principal.on_behalf_of)),
+    ):
+        if text:
+            who.append(f"{label} {text}")
+    write(f"who        {' · '.join(who)}\n")
+    source = [
+        f"{label} {text}"
+        for label, text in (("from", principal.source_address), ("issuer", principal.issuer))
+        if text
+    ]
+    if source:
+        write(f"           {' · '.join(source)}\n")
+    scope = env.scope
+    scoped = [
+        text
+        for text in (
+            _short(DataClassification, scope.data_classification, "DATA_CLASSIFICATION_")
+            if scope.data_classification
+            else "",
+            f"region {scope.region}" if scope.region else "",
+            f"purpose {scope.purpose}" if scope.purpose else "",
+            f"datasets {','.join(scope.datasets)}" if scope.datasets else "",
+            " ".join(f"{k}={v}" for k, v in sorted(scope.hints.items())),
+        )
+        if text
+    ]
+    if scoped:
+        write(f"scope      {' · '.join(scoped)}\n")
+    lineage = env.lineage
+    if lineage.parent_envelope_id:
+        parent, root = lineage.parent_envelope_id, lineage.root_envelope_id
+        write(f"lineage    parent {parent} · root {root} · depth {lineage.depth}\n")
+    state = STATE_NAMES.get(lifecycle.state, "?")
+    timing = f"started {when(start)}"
+    if lifecycle.HasField("end_time"):
+        timing += f" · took {_duration(_ns(lifecycle.end_time) - start)}"
+    else:
+        timing += " · unfinished"
+    write(f"state      {state} · {timing}\n")
+    if env.flags:
+        flags = ", ".join(_short(EnvelopeFlag, flag, "ENVELOPE_FLAG_") for flag in env.flags)
+        write(f"flags      {flags}\n")
+
+    write("\nlifecycle\n")
+    steps = [
+        (
+            f"+{_duration(_ns(step.time) - start)}" if index else when(_ns(step.time)),
+            STATE_NAMES.get(getattr(step, "from"), "?") + " → " + STATE_NAMES.get(step.to, "?"),
+            step.actor,
+            step.reason,
+        )
+        for index, step in enumerate(lifecycle.transitions)
+    ]
+    _indented(steps, out)
+
+    admission = next((g for g in env.grants if g.stage == 1), None)
+    backend = next((g for g in env.grants if g.stage == 2), None)
+    columns = [("requested", env.requested if env.HasField("requested") else None)]
+    if admission is not None:
+        columns.append((f"admission ({OUTCOME_NAMES[admission.outcome]})", admission.resources))
+    if backend is not None:
+        columns.append((f"backend ({OUTCOME_NAMES[backend.outcome]})", backend.resources))
+    dims = [
+        field
+        for _, field in sorted(DIMENSION_FIELDS.items())
+        if any(_value(resources, field) for _, resources in columns)
+    ]
+    write("\nresources\n")
+    if dims:
+        _indented(
+            [("dimension", *(title for title, _ in columns))]
+            + [
+                (str(field), *(_value(resources, field) or "-" for _, resources in columns)) for field in dims
+            ],
+            out,
+            header=True,
+        )
+    else:
+        write("  none requested or granted\n")
+    for grant in (admission, backend):
+        if grant is not None and grant.reason_code:
+            stage = "admission" if grant.stage == 1 else "backend"
+            write(f"  {stage} grant: {grant.reason_code} — {grant.reason}\n")
+
+    decision = env.decision
+    write("\ndecision\n")
+    summary = OUTCOME_NAMES.get(decision.outcome, "?")
+    if decision.deciding_policy:
+        summary += f" by {decision.deciding_policy}"
+    if decision.reason_code:
+        summary += f" ({decision.reason_code})"
+    if decision.message:
+        summary += f": {decision.message}"
+    mode = _short(EnforcementMode, decision.mode, "ENFORCEMENT_MODE_") if decision.mode else "enforce"
+    write(f"  {summary} · {mode}{' · FAIL-OPEN' if decision.fail_open else ''}\n")
+    if decision.policies:
+        _indented(
+            [("policy", "verdict", "mode", "reason", "took", "detail")]
+            + [
+                (
+                    verdict.policy,
+                    OUTCOME_NAMES.get(verdict.outcome, "?"),
+                    _short(EnforcementMode, verdict.mode, "ENFORCEMENT_MODE_") if verdict.mode else "enforce",
+                    verdict.reason_code or "-",
+                    f"{verdict.duration_us} µs",
+                    "; ".join(
+                        text
+                        for text in (
+                            verdict.message,
+                            f"rules {','.join(verdict.rule_ids)}" if verdict.rule_ids else "",
+                            f"error {verdict.error}" if verdict.error else "",
+                            "fail-open" if verdict.fail_open else "",
+                        )
+                        if text
+                    ),
+                )
+                for verdict in decision.policies
+            ],
+            out,
+            header=True,
+        )
+    else:
+        write("  no policy consulted\n")
+
+    if env.HasField("binding"):
+        binding = env.binding
+        bound = [
+            f"{label} {text}"
+            for label, text in (
+                ("node", binding.node),
+                ("accelerators", ",".join(str(i) for i in binding.accelerator_indexes)),
+                ("runtime", binding.runtime),
+                ("endpoint", binding.endpoint),
+                ("region", binding.region),
+            )
+            if text
+        ]
+        write(f"\nbinding    {' · '.join(bound)}\n")
+    if env.HasField("outcome"):
+        outcome = env.outcome
+        status = _STATUS.get(outcome.status_code, str(outcome.status_code))
+        text = f"{status}{' ' + outcome.reason_code if outcome.reason_code else ''}"
+        if outcome.status_message:
+            text += f": {outcome.status_message}"
+        write(f"\noutcome    {text}\n")
+        usage = " ".join(f"{field.name}={value}" for field, value in outcome.usage.ListFields())
+        if usage:
+            write(f"usage      {usage}\n")
+
+    if tree is not None:
+        write("\nlineage\n")
+        for text in tree_lines(tree, env.envelope_id):
+            write(text + "\n")
+
+
+def _indented(rows: Sequence[Sequence[str]], out: IO[str], *, header: bool = False) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for index, cells in enumerate(rows):
+        out.write("  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() + "\n")
+        if header and index == 0:
+            out.write("  " + "  ".join("-" * w for w in widths) + "\n")
+
+
+# -- stats ---------------------------------------------------------------------------------
+
+
+def stats(result: LedgerStats, out: IO[str]) -> None:
+    """The stats as three tables."""
+    tenants = len(result.tenants)
+    out.write(
+        f"{result.envelopes} envelopes · {tenants} tenant{'s' if tenants != 1 else ''} · "
+        f"{result.unfinished} unfinished · {result.dropped} dropped by writers\n"
+    )
+    out.write("\nrequested vs granted (granted: final grant; rejected envelopes get nothing)\n")
+    if result.resources:
+        _table.render(
+            [
+                (
+                    r.tenant or "-",
+                    r.dimension,
+                    str(r.envelopes),
+                    str(r.requested),
+                    str(r.granted),
+                    str(r.narrowed),
+                    str(r.widened),
+                )
+                for r in result.resources
+            ],
+            out,
+            ("tenant", "dimension", "envelopes", "requested", "granted", "narrowed", "widened"),
+        )
+    else:
+        out.write("(no resources requested or granted)\n")
+    out.write("\ndenials\n")
+    if result.denials:
+        _table.render(
+            [(d.reason_code or "-", d.stage, str(d.count)) for d in result.denials],
+            out,
+            ("reason", "stage", "count"),
+        )
+    else:
+        out.write("(none)\n")
+    out.write("\nnarrowing\n")
+    _table.render(
+        [
+            (
+                t.tenant or "-",
+                str(t.envelopes),
+                str(t.denied),
+                str(t.rejected),
+                str(t.granted),
+                str(t.narrowed),
+                str(t.narrowed_at_admission),
+                str(t.widened),
+                f"{t.narrowing_rate:.1%}",
+            )
+            for t in result.tenants
+        ],
+        out,
+        (
+            "tenant",
+            "envelopes",
+            "denied",
+            "rejected",
+            "granted",
+            "narrowed",
+            "at admission",
+            "widened",
+            "narrowing rate",
+        ),
+    )
