@@ -1185,6 +1185,7 @@ class Usage(_message.Message):
     BYTES_MOVED_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
     REPLICAS_STARTED_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
     request_messages: _builtins.int
     """Request messages received from the client."""
     response_messages: _builtins.int
@@ -1201,6 +1202,8 @@ class Usage(_message.Message):
     """Wall-clock duration of the call, in milliseconds."""
     replicas_started: _builtins.int
     """Replicas actually started."""
+    items: _builtins.int
+    """Items processed: samples evaluated, records moved, inputs in a batch."""
     def __init__(
         self,
         *,
@@ -1212,15 +1215,18 @@ class Usage(_message.Message):
         bytes_moved: _builtins.int | None = ...,
         duration_ms: _builtins.int | None = ...,
         replicas_started: _builtins.int | None = ...,
+        items: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_bytes_moved", b"_bytes_moved", "_duration_ms", b"_duration_ms", "_replicas_started", b"_replicas_started", "_request_bytes", b"_request_bytes", "_request_messages", b"_request_messages", "_response_bytes", b"_response_bytes", "_response_messages", b"_response_messages", "_tokens", b"_tokens", "bytes_moved", b"bytes_moved", "duration_ms", b"duration_ms", "replicas_started", b"replicas_started", "request_bytes", b"request_bytes", "request_messages", b"request_messages", "response_bytes", b"response_bytes", "response_messages", b"response_messages", "tokens", b"tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_bytes_moved", b"_bytes_moved", "_duration_ms", b"_duration_ms", "_items", b"_items", "_replicas_started", b"_replicas_started", "_request_bytes", b"_request_bytes", "_request_messages", b"_request_messages", "_response_bytes", b"_response_bytes", "_response_messages", b"_response_messages", "_tokens", b"_tokens", "bytes_moved", b"bytes_moved", "duration_ms", b"duration_ms", "items", b"items", "replicas_started", b"replicas_started", "request_bytes", b"request_bytes", "request_messages", b"request_messages", "response_bytes", b"response_bytes", "response_messages", b"response_messages", "tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bytes_moved", b"_bytes_moved", "_duration_ms", b"_duration_ms", "_replicas_started", b"_replicas_started", "_request_bytes", b"_request_bytes", "_request_messages", b"_request_messages", "_response_bytes", b"_response_bytes", "_response_messages", b"_response_messages", "_tokens", b"_tokens", "bytes_moved", b"bytes_moved", "duration_ms", b"duration_ms", "replicas_started", b"replicas_started", "request_bytes", b"request_bytes", "request_messages", b"request_messages", "response_bytes", b"response_bytes", "response_messages", b"response_messages", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bytes_moved", b"_bytes_moved", "_duration_ms", b"_duration_ms", "_items", b"_items", "_replicas_started", b"_replicas_started", "_request_bytes", b"_request_bytes", "_request_messages", b"_request_messages", "_response_bytes", b"_response_bytes", "_response_messages", b"_response_messages", "_tokens", b"_tokens", "bytes_moved", b"bytes_moved", "duration_ms", b"duration_ms", "items", b"items", "replicas_started", b"replicas_started", "request_bytes", b"request_bytes", "request_messages", b"request_messages", "response_bytes", b"response_bytes", "response_messages", b"response_messages", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bytes_moved: _TypeAlias = _typing.Literal["bytes_moved"]  # noqa: Y015
     _WhichOneofArgType__bytes_moved: _TypeAlias = _typing.Literal["_bytes_moved", b"_bytes_moved"]  # noqa: Y015
     _WhichOneofReturnType__duration_ms: _TypeAlias = _typing.Literal["duration_ms"]  # noqa: Y015
     _WhichOneofArgType__duration_ms: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms"]  # noqa: Y015
+    _WhichOneofReturnType__items: _TypeAlias = _typing.Literal["items"]  # noqa: Y015
+    _WhichOneofArgType__items: _TypeAlias = _typing.Literal["_items", b"_items"]  # noqa: Y015
     _WhichOneofReturnType__replicas_started: _TypeAlias = _typing.Literal["replicas_started"]  # noqa: Y015
     _WhichOneofArgType__replicas_started: _TypeAlias = _typing.Literal["_replicas_started", b"_replicas_started"]  # noqa: Y015
     _WhichOneofReturnType__request_bytes: _TypeAlias = _typing.Literal["request_bytes"]  # noqa: Y015
@@ -1237,6 +1243,8 @@ class Usage(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__bytes_moved) -> _WhichOneofReturnType__bytes_moved | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__duration_ms) -> _WhichOneofReturnType__duration_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__items) -> _WhichOneofReturnType__items | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__replicas_started) -> _WhichOneofReturnType__replicas_started | None: ...
     @_typing.overload

@@ -17,8 +17,8 @@ Envelope steps, in order:
   granted duration the time limit enforced.
 * The binding names the node, the runtime (numpy and its version) and what
   runs (model, version, dataset).
-* Usage: the library records messages, bytes and duration at completion; the
-  Usage message has no field for samples evaluated, which the result carries.
+* Usage: the samples evaluated (``items``); the library adds messages, bytes
+  and duration at completion.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 
 import envelope_grpc
-from envelope_grpc.v1.envelope_pb2 import Binding, DataClassification, Resources
+from envelope_grpc.v1.envelope_pb2 import Binding, DataClassification, Resources, Usage
 from services.evaluation import _metrics
 from services.evaluation._catalog import Catalog, Dataset, Model
 from services.evaluation.v1 import evaluation_pb2 as pb
@@ -219,6 +219,7 @@ class EvaluationServicer(pb_grpc.EvaluationServiceServicer):
                     batch=index, samples_done=end, samples_total=total, metrics=values
                 )
             )
+        envelope_grpc.record_usage(Usage(items=total))
         yield pb.EvaluateModelResponse(
             result=pb.EvaluationResult(
                 model=request.model,

@@ -205,6 +205,7 @@ def test_classification_evaluated_for_real_with_progress_per_batch(serve: Callab
     assert env.outcome.status_code == 0
     assert env.outcome.usage.request_messages == 1
     assert env.outcome.usage.response_messages == 8
+    assert env.outcome.usage.items == 100  # samples evaluated
 
 
 def test_regression_with_default_batch_widens_concurrency(serve: Callable[..., Served]) -> None:
