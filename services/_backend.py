@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ class Backend:
 
     running: dict[str, Running]
     root: str
+    #: Whether ``root`` was made for this backend (and goes away with it).
+    owns_root: bool = False
 
     def address(self, name: str) -> str:
         """host:port of one service."""
@@ -35,6 +38,8 @@ class Backend:
         for name in reversed(NAMES):
             if name in self.running:
                 self.running.pop(name).stop(grace=1)
+        if self.owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def start_backend(
@@ -45,10 +50,11 @@ def start_backend(
 ) -> Backend:
     """Start every service; ``config(name)`` gives each server its own
     EnvelopeConfig (sinks and policies may be shared); data movement keeps its
-    stores under ``root`` (default: a new temporary directory)."""
+    stores under ``root`` (default: a new temporary directory, removed on stop)."""
+    owns_root = root is None
     root = root or tempfile.mkdtemp(prefix="envelope-grpc-stores-")
     os.makedirs(root, exist_ok=True)
-    backend = Backend({}, root)
+    backend = Backend({}, root, owns_root)
     try:
         backend.running["inference"] = start(inference.services(), config("inference"), provider=provider)
         backend.running["deployment"] = start(deployment.services(), config("deployment"), provider=provider)
