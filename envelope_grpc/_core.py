@@ -28,9 +28,9 @@ from opentelemetry import metrics, trace
 from envelope_grpc import _constants as k
 from envelope_grpc import _envelope as model
 from envelope_grpc._extract import Action, Extraction, ExtractorRegistry, MethodPlan
-from envelope_grpc._policy import Deny, Policy, PolicySpec, Releasing, admit, as_spec
+from envelope_grpc._policy import POLICY_ERROR, Deny, Policy, PolicySpec, Releasing, admit, as_spec
 from envelope_grpc._sinks import Sink, SinkDispatcher, SinkStats, WriteAheadSink
-from envelope_grpc._telemetry import OUTCOME_NAMES, Metrics, annotate
+from envelope_grpc._telemetry import KIND_NAMES, OUTCOME_NAMES, Metrics, annotate
 from envelope_grpc._types import CallInfo, Peer, Resolver, TrustPeer, Unauthenticated
 from envelope_grpc._values import (
     AUTH_NONE,
@@ -182,7 +182,11 @@ class Core:
         call = self._receive(plan, context)
         if request is not None:
             call.count_request(request)
-        status = self._admit(call, plan, request)
+        try:
+            status = self._admit(call, plan, request)
+        except Exception as error:  # admission must end in a decision, never an escaping error
+            _log.exception("admission of envelope %s failed", call.env.envelope_id)
+            status = self._fail_admission(call, error)
         if status is None:
             context.set_trailing_metadata(self.trailers(call))
         return call, status
@@ -255,9 +259,11 @@ class Core:
 
     def _lineage(self, env: ExecutionEnvelope, inbound: str | bytes, peer: Peer) -> None:
         flag = None
-        if not isinstance(inbound, bytes) or len(inbound) > k.MAX_PEER_ENVELOPE_BYTES:
+        if not isinstance(inbound, bytes):
+            flag = FLAG_PEER_ENVELOPE_MALFORMED
+        elif len(inbound) > k.MAX_PEER_ENVELOPE_BYTES:
             flag = FLAG_PEER_ENVELOPE_OVERSIZED
-        elif self.config.trust_peer is None or not self.config.trust_peer(peer):
+        elif not self._trusted(peer):
             flag = FLAG_PEER_ENVELOPE_UNTRUSTED
         else:
             parent = EnvelopeContext()
@@ -274,39 +280,64 @@ class Core:
             flag = FLAG_PEER_ENVELOPE_MALFORMED
         env.flags.append(flag)
 
-    def _normalize(self, env: ExecutionEnvelope, plan: MethodPlan, request: Message | None) -> None:
+    def _trusted(self, peer: Peer) -> bool:
+        if self.config.trust_peer is None:
+            return False
+        try:
+            return bool(self.config.trust_peer(peer))
+        except Exception:  # a failing predicate trusts nobody
+            _log.exception("trust_peer failed for %s", peer.address)
+            return False
+
+    def _normalize(
+        self, env: ExecutionEnvelope, plan: MethodPlan, request: Message | None
+    ) -> tuple[str, Deny] | None:
+        """Map the request into the envelope. A request that cannot be mapped
+        (a value out of range, a failing extractor) is refused: admitting it
+        on transport facts alone would let it pass every limit unseen."""
         execution = env.execution
         execution.kind = plan.kind
         found: Extraction | None = None
+        failure: Exception | None = None
         if request is not None and plan.fill is not None:
             # Declarative extraction writes straight into the envelope's messages.
             found = Extraction(plan.kind, execution.target, env.requested, env.scope)
             try:
                 plan.fill(request, found)
-            except Exception:  # a broken extractor records transport facts only
-                env.flags.append(FLAG_EXTRACTION_FAILED)
-                for holder, name in ((execution, "target"), (env, "requested"), (env, "scope")):
-                    holder.ClearField(name)  # type: ignore[arg-type]
-                found = None
+            except Exception as error:
+                failure = error
         elif request is not None and plan.extractor is not None:
             try:
                 found = plan.extractor(request)
-            except Exception:  # a broken extractor records transport facts only
-                env.flags.append(FLAG_EXTRACTION_FAILED)
-            if found is not None:
+                if found.kind not in KIND_NAMES:
+                    raise ValueError(f"unknown execution kind {found.kind}")
                 execution.kind = found.kind or plan.kind
                 execution.target.CopyFrom(found.target)
                 env.scope.CopyFrom(found.scope)
                 model.record_requested(env, found.requested)
+            except Exception as error:
+                failure = error
+        if failure is not None:
+            env.flags.append(FLAG_EXTRACTION_FAILED)
+            for holder, name in ((execution, "target"), (env, "requested"), (env, "scope")):
+                holder.ClearField(name)  # type: ignore[arg-type]
+            execution.kind = plan.kind
+            model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR, reason="EXTRACTION_FAILED")
+            message = f"the request could not be mapped into an envelope ({type(failure).__name__})"
+            return "extractor", Deny(
+                grpc.StatusCode.INVALID_ARGUMENT, "EXTRACTION_FAILED", message, BASIS_INVALID
+            )
         if found is not None:
             _declared(env, found)
         if request is not None and 0 < request.ByteSize() <= self.config.digest_max_bytes:
             execution.request_digest = "sha256:" + hashlib.sha256(request.SerializeToString()).hexdigest()
         model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
+        return None
 
     def _admit(self, call: Call, plan: MethodPlan, request: Message | None) -> AbortStatus | None:
         env = call.env
-        self._normalize(env, plan, request)
+        unmapped = self._normalize(env, plan, request)
+        call.denial = call.denial or unmapped
         if call.denial is None and env.HasField("requested"):
             call.denial = _negative(env)
         if call.denial is None and plan.action is Action.DENY:
@@ -319,15 +350,7 @@ class Core:
                 ),
             )
         if call.denial is not None:
-            policy, deny = call.denial
-            decision = env.decision
-            decision.outcome = OUTCOME_DENIED
-            decision.deciding_policy = policy
-            decision.reason_code = deny.reason_code
-            decision.message = deny.message
-            decision.denial_basis = deny.basis
-            model.stamp(decision.time, time.time_ns())
-            return self._refuse(call, policy, deny)
+            return self._deny(call, *call.denial)
         admission = admit(env, self.policies, fail_open=self.config.fail_open)
         call.release = admission.release
         granted = admission.granted
@@ -347,6 +370,34 @@ class Core:
                     self.dispatcher.count_failure(1)
                 _log.exception("write-ahead sink %r lost envelope %s", sink, env.envelope_id)
         return None
+
+    def _deny(self, call: Call, policy: str, deny: Deny) -> AbortStatus:
+        """Refuse before the policies ran (identity, extraction, unmapped)."""
+        decision = call.env.decision
+        decision.outcome = OUTCOME_DENIED
+        decision.deciding_policy = policy
+        decision.reason_code = deny.reason_code
+        decision.message = deny.message
+        decision.denial_basis = deny.basis
+        model.stamp(decision.time, time.time_ns())
+        return self._refuse(call, policy, deny)
+
+    def _fail_admission(self, call: Call, error: Exception) -> AbortStatus | None:
+        """An unexpected error during admission: refuse the call (fail closed)
+        if the envelope can still be rejected, and report it."""
+        env = call.env
+        deny = Deny(
+            grpc.StatusCode.UNAVAILABLE,
+            POLICY_ERROR,
+            f"admission failed ({type(error).__name__}); the call is refused",
+            BASIS_ERROR,
+        )
+        if env.lifecycle.state == model.RECEIVED:
+            model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
+        if env.lifecycle.state != model.NORMALIZED or env.grants:
+            return None  # admitted already (a sink or metrics failed after): let the call go on
+        env.ClearField("decision")
+        return self._deny(call, "admission", deny)
 
     def _refuse(self, call: Call, policy: str, deny: Deny) -> AbortStatus:
         env = call.env
@@ -406,12 +457,15 @@ class Core:
 
     def _emit(self, call: Call) -> None:
         call.ended = True
+        try:
+            annotate(call.span, call.env)
+        except Exception:  # the span is best effort; the audit record is not
+            _log.exception("could not annotate the span of envelope %s", call.env.envelope_id)
         for policy in call.release:
             try:
                 policy.release(call.env)
             except Exception:  # giving back must never fail the call; it is logged
                 _log.exception("policy %r failed to release envelope %s", policy, call.env.envelope_id)
-        annotate(call.span, call.env)
         if self.dispatcher is not None:
             self.dispatcher.submit(call.env)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, TypeAlias
@@ -114,6 +115,14 @@ class Violation:
 # would hand the GIL to another thread mid-admission (os.urandom does).
 _ids = random.Random(os.urandom(32))
 os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))  # no shared ids after fork
+
+
+_REASON_CODE: Final = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
+def is_reason_code(text: str) -> bool:
+    """Whether ``text`` is a machine reason code as the contract has them (LIKE_THIS)."""
+    return _REASON_CODE.fullmatch(text) is not None
 
 
 def new_id() -> str:
@@ -327,7 +336,15 @@ def reject(
     actor: str,
     now_ns: int | None = None,
 ) -> None:
-    """Move to REJECTED with a reason; a backend grant or binding may not exist."""
+    """Move to REJECTED with a reason; a backend grant or binding may not exist.
+
+    ``reason_code`` is machine-readable (LIKE_THIS); ``message`` is cut to the
+    contract's 1024 characters; ``status_code`` cannot be OK (0)."""
+    if not is_reason_code(reason_code):
+        raise ValueError(f"a reason code is like INSUFFICIENT_CAPACITY, not {reason_code!r}")
+    if status_code == 0:
+        raise ValueError("a rejection cannot carry status OK")
+    message = message[:1024]
     if any(g.stage == STAGE_BACKEND for g in env.grants) or env.HasField("binding"):
         raise LifecycleError(env.lifecycle.state, REJECTED, "reject an envelope that holds a backend grant")
     if REJECTED not in LEGAL_TRANSITIONS[env.lifecycle.state]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fnmatch
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -163,6 +164,7 @@ def _find_method(pool: descriptor_pool.DescriptorPool, method: str) -> MethodDes
 # -- declarative extraction -------------------------------------------------------
 
 _MAX_DEPTH: Final = 8
+_INT64: Final = 2**63
 _Apply = Callable[[Extraction, Any], None]
 
 
@@ -374,9 +376,15 @@ def _resource_applier(rule: FieldRule) -> _Apply:
     scale = rule.scale or 1
 
     def add(found: Extraction, value: Any) -> None:
-        amount = round(float(value) * scale)
+        number = float(value) * scale
+        if not math.isfinite(number) or abs(number) >= _INT64:
+            raise ValueError(f"{name} is out of range")
+        amount = round(number)
         requested = found.requested
-        setattr(requested, name, getattr(requested, name) + amount if requested.HasField(name) else amount)
+        total = getattr(requested, name) + amount if requested.HasField(name) else amount
+        if abs(total) >= _INT64:
+            raise ValueError(f"{name} is out of range")
+        setattr(requested, name, total)
 
     return add
 

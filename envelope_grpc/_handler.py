@@ -65,5 +65,7 @@ def fail(reason_code: str, message: str, code: grpc.StatusCode = grpc.StatusCode
         raise model.LifecycleError(
             env.lifecycle.state, env.lifecycle.state, "fail an envelope that has ended"
         )
+    if not model.is_reason_code(reason_code):
+        raise ValueError(f"a reason code is like MODEL_UNAVAILABLE, not {reason_code!r}")
     env.outcome.reason_code = reason_code
     return abort_status(env, code, reason_code, message, {})

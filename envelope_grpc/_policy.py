@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import re
 import time
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 import grpc
 
-from envelope_grpc._envelope import QUANTITIES, compare, stamp
+from envelope_grpc._envelope import QUANTITIES, compare, is_reason_code, stamp
 from envelope_grpc._values import (
     BASIS_ERROR,
     BASIS_EXHAUSTED,
@@ -139,6 +140,30 @@ def _cap(granted: Resources, caps: Resources) -> None:
         granted.accelerator_type = caps.accelerator_type
 
 
+_CREDENTIALS: Final = re.compile(r"(://)[^/@\s]+@")
+
+
+def error_text(error: BaseException) -> str:
+    """An exception as an audit record may keep it: its type and message,
+    credentials in URLs masked, at most 256 characters."""
+    text = _CREDENTIALS.sub(r"\1***@", f"{type(error).__name__}: {error}")
+    return text if len(text) <= 256 else text[:255] + "…"
+
+
+def _checked(verdict: object) -> Verdict:
+    """``verdict`` if it is one the contract can record; a malformed verdict
+    is the policy's failure, not a decision."""
+    if isinstance(verdict, Allow):
+        return verdict
+    if not isinstance(verdict, Narrow | Deny):
+        raise TypeError(f"a policy returned {type(verdict).__name__}, not Allow, Narrow or Deny")
+    if not is_reason_code(verdict.reason_code) or not verdict.message:
+        raise ValueError(f"a {type(verdict).__name__} needs a reason code like LIMIT_EXCEEDED and a message")
+    if isinstance(verdict, Deny) and verdict.code is grpc.StatusCode.OK:
+        raise ValueError("a Deny cannot carry status OK")
+    return verdict
+
+
 _WORKERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="envelope-grpc-policy")
 
 
@@ -183,13 +208,12 @@ def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: 
         if spec.release is not None:
             release.append(spec.release)
         try:
-            verdict: Verdict = _consult(spec, env)
+            verdict: Verdict = _checked(_consult(spec, env))
         except Exception as error:  # a policy's failure must not escape admission
-            record.error = f"{type(error).__name__}: {error}"
+            record.error = error_text(error)
             opens = fail_open if spec.fail_open is None else spec.fail_open
             if opens:
                 record.fail_open = True
-                record.outcome = OUTCOME_ADMITTED
                 verdict = Allow()
                 if not spec.dry_run:
                     decision.fail_open = True

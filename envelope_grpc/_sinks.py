@@ -44,7 +44,9 @@ class WriteAheadSink(Sink, Protocol):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SinkStats:
-    """Counts since the dispatcher started."""
+    """Counts since the dispatcher started: envelopes submitted, handed to
+    every sink, dropped because the queue was full, lost by a failing sink,
+    and waiting."""
 
     submitted: int
     written: int
@@ -130,16 +132,19 @@ class SinkDispatcher:
                 return
 
     def _write(self, batch: list[ExecutionEnvelope]) -> None:
+        # "written": handed to every sink; "failed": lost by at least one.
+        lost = False
         for sink in self._sinks:
             try:
                 sink.write(batch)
             except Exception:
-                with self._lock:
-                    self._failed += len(batch)
+                lost = True
                 _log.exception("audit sink %r lost %d envelope(s)", sink, len(batch))
+        with self._lock:
+            if lost:
+                self._failed += len(batch)
             else:
-                with self._lock:
-                    self._written += len(batch)
+                self._written += len(batch)
 
 
 class JsonLinesSink:

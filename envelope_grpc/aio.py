@@ -67,11 +67,21 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
     behavior = getattr(handler, name)
     request_streaming = handler.request_streaming
     yields = inspect.isasyncgenfunction(behavior)
+    # grpc.aio also serves plain functions (with a migration thread pool).
+    awaits = inspect.iscoroutinefunction(behavior)
 
     async def admit(context: Any, request: Any) -> tuple[Call, AbortStatus | None]:
-        if core.blocking:  # policies that do I/O or have a time budget must not stall the loop
-            return await asyncio.to_thread(core.begin, plan, context, request)
-        return core.begin(plan, context, request)
+        if not core.blocking:
+            return core.begin(plan, context, request)
+        # Policies that do I/O or have a time budget must not stall the loop. If
+        # the call is cancelled meanwhile, admission still finishes on its
+        # thread: then end the call there, so that what it took is given back.
+        admission = asyncio.ensure_future(asyncio.to_thread(core.begin, plan, context, request))
+        try:
+            return await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            admission.add_done_callback(lambda done: _end_cancelled(core, done, context))
+            raise
 
     async def end(call: Call, context: Any, error: BaseException | None = None) -> None:
         # Releasing blocking policies (a Redis quota) must not stall the loop; a
@@ -98,7 +108,10 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
         call, argument = await begin(request_or_iterator, context)
         CURRENT.set(call.env)  # each call runs in its own task, with its own context
         try:
-            response = await behavior(argument, context)
+            if awaits:
+                response = await behavior(argument, context)
+            else:
+                response = await asyncio.to_thread(behavior, argument, context)
             call.count_response(response)
         except BaseException as error:
             await end(call, context, error)
@@ -114,8 +127,12 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
                 async for response in behavior(argument, context):
                     call.count_response(response)
                     yield response
-            else:  # a handler that writes with context.write()
+            elif awaits:  # a handler that writes with context.write() (not counted)
                 await behavior(argument, context)
+            else:  # a plain generator
+                for response in behavior(argument, context):
+                    call.count_response(response)
+                    yield response
         except BaseException as error:
             await end(call, context, error)
             raise
@@ -126,6 +143,15 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+def _end_cancelled(
+    core: Core, admission: asyncio.Future[tuple[Call, AbortStatus | None]], context: Any
+) -> None:
+    if admission.cancelled() or admission.exception() is not None:
+        return
+    call, _ = admission.result()
+    core.end(call, context, asyncio.CancelledError())
 
 
 def server_interceptors(

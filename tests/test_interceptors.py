@@ -22,7 +22,9 @@ from envelope_grpc import (
     ExtractorRegistry,
     Limit,
     LimitsPolicy,
+    Narrow,
     PolicySpec,
+    to_json,
     validate,
 )
 from envelope_grpc.testing.v1 import testing_pb2 as pb
@@ -36,6 +38,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     GrantStage,
     LifecycleState,
     ResourceDimension,
+    Resources,
     Target,
 )
 from tests.conftest import Backend, error_info, server_span, states
@@ -616,3 +619,91 @@ def test_blocking_policies_do_not_serialize_calls(backend: Start) -> None:
     envelopes = server.envelopes(2)
     assert {reply.envelope_id for reply in replies} == {env.envelope_id for env in envelopes}
     assert [env.decision.policies[0].error for env in envelopes] == ["", ""]
+
+
+def test_request_value_out_of_range_is_refused_not_admitted_blind(backend: Start) -> None:
+    limits = LimitsPolicy([Limit(ResourceDimension.RESOURCE_DIMENSION_ACCELERATOR_COUNT, 16, deny=True)])
+    server = backend(EnvelopeConfig(policies=[limits]))
+    request = pb.RunRequest(model="m", accelerators=pb.Accelerators(count=64, memory_gib=2**40))
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(request)
+    (env,) = server.envelopes(1)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).reason == "EXTRACTION_FAILED"
+    assert list(env.flags) == [EnvelopeFlag.ENVELOPE_FLAG_EXTRACTION_FAILED]
+    assert states(env) == ["RECEIVED", "NORMALIZED", "REJECTED"]
+    assert validate(env) == []
+
+
+@pytest.mark.parametrize(
+    ("verdict", "error"),
+    [
+        (None, "TypeError: a policy returned NoneType, not Allow, Narrow or Deny"),
+        (
+            Narrow(Resources(tokens=1), "", ""),
+            "ValueError: a Narrow needs a reason code like LIMIT_EXCEEDED and a message",
+        ),
+        (Deny(grpc.StatusCode.OK, "NOPE", "no"), "ValueError: a Deny cannot carry status OK"),
+    ],
+    ids=["none", "narrow-without-reason", "deny-ok"],
+)
+def test_malformed_verdict_fails_closed_and_releases(backend: Start, verdict: Any, error: str) -> None:
+    counting = Counting()
+    server = backend(
+        EnvelopeConfig(policies=[counting, PolicySpec(lambda envelope, /: verdict, name="sloppy")])
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(RUN)
+    (env,) = server.envelopes(1)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "POLICY_ERROR"
+    assert env.decision.policies[1].error == error
+    assert counting.released == [env.envelope_id]
+    assert validate(env) == []
+
+
+def test_policy_error_text_masks_credentials(backend: Start) -> None:
+    def store(envelope: ExecutionEnvelope, /) -> Allow:
+        raise ConnectionError("cannot reach redis://quota:hunter2@10.0.0.7:6379/0")
+
+    server = backend(EnvelopeConfig(policies=[store]))
+    with pytest.raises(grpc.RpcError):
+        server.stub.Run(RUN)
+    (env,) = server.envelopes(1)
+    assert env.decision.policies[0].error == "ConnectionError: cannot reach redis://***@10.0.0.7:6379/0"
+    assert "hunter2" not in to_json(env)
+
+
+def test_failing_trust_predicate_trusts_nobody(backend: Start) -> None:
+    def broken(peer: Any) -> bool:
+        raise RuntimeError("directory down")
+
+    parent = EnvelopeContext(envelope_id="c" * 32)
+    server = backend(EnvelopeConfig(trust_peer=broken))
+    server.stub.Run(RUN, metadata=(("x-execution-envelope-bin", parent.SerializeToString()),))
+    (env,) = server.envelopes(1)
+    assert env.lineage.parent_envelope_id == ""
+    assert list(env.flags) == [EnvelopeFlag.ENVELOPE_FLAG_PEER_ENVELOPE_UNTRUSTED]
+
+
+def test_call_cancelled_during_blocking_admission_still_ends_and_releases(backend: Start) -> None:
+    counting = Counting()
+    started, proceed = threading.Event(), threading.Event()
+
+    def slow(envelope: ExecutionEnvelope, /) -> Allow:
+        started.set()
+        proceed.wait(5)
+        return Allow()
+
+    policies = [PolicySpec(counting, blocking=True), PolicySpec(slow, blocking=True)]
+    server = backend(EnvelopeConfig(policies=policies))
+    call = server.stub.Run.future(RUN)
+    assert started.wait(5)
+    call.cancel()
+    time.sleep(0.2)  # let the server see the cancellation before admission finishes
+    proceed.set()
+    (env,) = server.envelopes(1)
+    assert call.cancelled()
+    assert states(env)[-1] == "CANCELLED"
+    assert counting.released == [env.envelope_id]
+    assert validate(env) == []

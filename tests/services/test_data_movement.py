@@ -288,11 +288,14 @@ def test_upload_without_declared_size_is_refused(served: Served) -> None:
     assert not env.requested.HasField("bytes")
 
 
-def test_declared_size_beyond_int64_flags_extraction_and_is_refused(served: Served) -> None:
+def test_declared_size_beyond_int64_is_refused_at_admission(served: Served) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         served.upload(header(size_bytes=2**64 - 1), chunked(DATA, 100_000))
-    env = assert_rejected(served, caught.value, grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH")
+    env = assert_rejected(served, caught.value, grpc.StatusCode.INVALID_ARGUMENT, "EXTRACTION_FAILED")
     assert EnvelopeFlag.ENVELOPE_FLAG_EXTRACTION_FAILED in env.flags
+    assert env.decision.deciding_policy == "extractor"
+    assert not env.HasField("requested")
+    assert envelope_grpc.validate(env) == []
 
 
 def test_upload_above_the_admitted_bytes_is_refused(tmp_path: pathlib.Path) -> None:
