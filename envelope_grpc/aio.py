@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -17,7 +17,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from envelope_grpc._client import with_envelope
 from envelope_grpc._core import CURRENT, AbortStatus, Call, Core, EnvelopeConfig
 from envelope_grpc._extract import MethodPlan
-from envelope_grpc._server import _FACTORIES, InterceptorBase
+from envelope_grpc._server import _FACTORIES, InterceptorBase, _Handler
 
 __all__ = [
     "EnvelopeServerInterceptor",
@@ -28,11 +28,6 @@ __all__ = [
     "client_interceptors",
     "server_interceptors",
 ]
-
-if TYPE_CHECKING:
-    _Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
-else:
-    _Handler = grpc.RpcMethodHandler
 
 
 async def _counted(call: Call, first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
