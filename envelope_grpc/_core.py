@@ -188,7 +188,8 @@ class Core:
             _log.exception("admission of envelope %s failed", call.env.envelope_id)
             status = self._fail_admission(call, error)
         if status is None:
-            context.set_trailing_metadata(self.trailers(call))
+            # Set now: a grpc.aio handler's abort() sends the trailers at once.
+            context.set_trailing_metadata(trailers(call.env))
         return call, status
 
     def _receive(self, plan: MethodPlan, context: Any) -> Call:
@@ -209,9 +210,8 @@ class Core:
         if remaining is not None and remaining < _NO_DEADLINE:
             model.stamp(env.execution.deadline, now + int(remaining * 1e9))
         call = Call(env, span, now)
-        peer = Peer(context.peer() or "", {})
-        if self.config.resolvers or self.config.trust_peer is not None:
-            peer = Peer(peer.address, context.auth_context() or {})
+        wants_auth = bool(self.config.resolvers) or self.config.trust_peer is not None
+        peer = Peer(context.peer() or "", (context.auth_context() or {}) if wants_auth else {})
         self._identify(call, plan.method, metadata, peer)
         inbound = metadata.get(k.ENVELOPE_METADATA)
         if inbound is not None:
@@ -409,14 +409,6 @@ class Core:
         self._emit(call)
         return status
 
-    def trailers(self, call: Call) -> tuple[tuple[str, str], ...]:
-        """Trailing metadata naming the envelope and its admission outcome."""
-        env = call.env
-        return (
-            (k.ENVELOPE_ID_METADATA, env.envelope_id),
-            (k.DECISION_METADATA, OUTCOME_NAMES[env.decision.outcome]),
-        )
-
     # -- after the handler -------------------------------------------------------------
 
     def end(self, call: Call, context: Any, error: BaseException | None = None) -> None:
@@ -446,14 +438,11 @@ class Core:
             model.transition(
                 env, target, actor=k.ACTOR_COMPLETION, reason="" if code is grpc.StatusCode.OK else code.name
             )
-            self._keep_trailers(call, context)
+            # A handler that set its own trailing metadata replaced ours: add them back.
+            pairs = context.trailing_metadata() or ()
+            if not any(key == k.ENVELOPE_ID_METADATA for key, _ in pairs):
+                context.set_trailing_metadata((*pairs, *trailers(env)))
         self._emit(call)
-
-    def _keep_trailers(self, call: Call, context: Any) -> None:
-        # A handler that sets its own trailing metadata replaces ours: add them back.
-        pairs = context.trailing_metadata() or ()
-        if not any(key == k.ENVELOPE_ID_METADATA for key, _ in pairs):
-            context.set_trailing_metadata((*pairs, *self.trailers(call)))
 
     def _emit(self, call: Call) -> None:
         call.ended = True
@@ -533,6 +522,14 @@ def _cancelled(context: Any) -> bool:
     return bool(cancelled()) if cancelled is not None else False
 
 
+def trailers(env: ExecutionEnvelope) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata naming the envelope and its admission outcome."""
+    return (
+        (k.ENVELOPE_ID_METADATA, env.envelope_id),
+        (k.DECISION_METADATA, OUTCOME_NAMES[env.decision.outcome]),
+    )
+
+
 def abort_status(
     env: ExecutionEnvelope, code: grpc.StatusCode, reason_code: str, message: str, extra: Mapping[str, str]
 ) -> AbortStatus:
@@ -544,12 +541,7 @@ def abort_status(
     detail = any_pb2.Any()
     detail.Pack(info)
     rich = status_pb2.Status(code=code.value[0], message=message, details=[detail])
-    trailers = (
-        ("grpc-status-details-bin", rich.SerializeToString()),
-        (k.ENVELOPE_ID_METADATA, env.envelope_id),
-        (k.DECISION_METADATA, OUTCOME_NAMES[env.decision.outcome]),
-    )
-    return AbortStatus(code, message, trailers)
+    return AbortStatus(code, message, (("grpc-status-details-bin", rich.SerializeToString()), *trailers(env)))
 
 
 def envelope_context(env: ExecutionEnvelope) -> bytes:

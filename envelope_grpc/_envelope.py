@@ -68,7 +68,6 @@ LEGAL_TRANSITIONS: Final[Mapping[_State, frozenset[_State]]] = {
     REJECTED: frozenset(),
 }
 
-Outcome = DecisionOutcome
 #: Resource dimensions that hold a quantity, by field name.
 # Keys typed Any: the generated stubs accept only literal field names.
 QUANTITIES: Final[Mapping[Any, int]] = {
@@ -154,11 +153,6 @@ def new_envelope(
     stamp(env.lifecycle.start_time, now)
     transition(env, RECEIVED, actor=actor, now_ns=now)
     return env
-
-
-def state(env: ExecutionEnvelope) -> _State:
-    """The envelope's current lifecycle state."""
-    return env.lifecycle.state
 
 
 def is_terminal(env: ExecutionEnvelope) -> bool:
@@ -247,7 +241,7 @@ def _add_grant(
 ) -> int:
     outcome = compare(env.requested, resources)
     if outcome != OUTCOME_ADMITTED and not (reason_code and reason):
-        raise ValueError(f"a grant that is {Outcome.Name(outcome)} needs a reason_code and a reason")
+        raise ValueError(f"a grant that is {DecisionOutcome.Name(outcome)} needs a reason_code and a reason")
     grant = env.grants.add(stage=stage, outcome=outcome, actor=actor)
     grant.resources.CopyFrom(resources)
     if outcome != OUTCOME_ADMITTED:

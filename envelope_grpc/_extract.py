@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import fnmatch
 import math
+import operator
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -325,16 +326,9 @@ def _set_once(
     return apply
 
 
-def _target(found: Extraction) -> Target:
-    return found.target
-
-
-def _scope(found: Extraction) -> Scope:
-    return found.scope
-
-
-def _requested(found: Extraction) -> Resources:
-    return found.requested
+_target = operator.attrgetter("target")
+_scope = operator.attrgetter("scope")
+_requested = operator.attrgetter("requested")
 
 
 def _itself(found: Extraction) -> Extraction:

@@ -32,8 +32,16 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cryptography.x509.oid import NameOID
 
 from envelope_grpc._types import CallInfo, Peer, TrustPeer, Unauthenticated
-from envelope_grpc._values import FLAG_GATEWAY_HEADERS_UNTRUSTED
-from envelope_grpc.v1.envelope_pb2 import AuthMethod, Principal, PrincipalKind
+from envelope_grpc._values import (
+    AUTH_GATEWAY,
+    AUTH_JWT,
+    AUTH_MTLS,
+    FLAG_GATEWAY_HEADERS_UNTRUSTED,
+    PRINCIPAL_AGENT,
+    PRINCIPAL_SERVICE,
+    PRINCIPAL_USER,
+)
+from envelope_grpc.v1.envelope_pb2 import Principal, PrincipalKind
 
 __all__ = [
     "ClaimMap",
@@ -46,12 +54,6 @@ __all__ = [
     "trust_networks",
 ]
 
-_USER: Final = PrincipalKind.PRINCIPAL_KIND_USER
-_SERVICE: Final = PrincipalKind.PRINCIPAL_KIND_SERVICE
-_AGENT: Final = PrincipalKind.PRINCIPAL_KIND_AGENT
-_JWT: Final = AuthMethod.AUTH_METHOD_JWT
-_MTLS: Final = AuthMethod.AUTH_METHOD_MTLS
-_GATEWAY: Final = AuthMethod.AUTH_METHOD_GATEWAY
 
 # Limits of the contract's Principal fields (envelope.proto).
 _SUBJECT_MAX: Final = 256
@@ -67,7 +69,7 @@ _JWS_COMPACT: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]
 _SPIFFE_ID: Final = re.compile(r"spiffe://([a-z0-9._-]+)((?:/[A-Za-z0-9._-]+)*)")
 _SPACES: Final = re.compile(r"\s+")
 _COMMAS_OR_SPACES: Final = re.compile(r"[\s,]+")
-_KIND_NAMES: Final = {"user": _USER, "service": _SERVICE, "agent": _AGENT}
+_KIND_NAMES: Final = {"user": PRINCIPAL_USER, "service": PRINCIPAL_SERVICE, "agent": PRINCIPAL_AGENT}
 
 
 class _Invalid(Exception):
@@ -167,7 +169,7 @@ class ClaimMap:
     kind: ClaimPath = "principal_kind"
     actor: ClaimPath = "act"
     on_behalf_of: ClaimPath = "obo"
-    default_kind: PrincipalKind.ValueType = _USER
+    default_kind: PrincipalKind.ValueType = PRINCIPAL_USER
 
 
 def _claim(claims: Mapping[str, object], path: ClaimPath) -> object:
@@ -413,7 +415,7 @@ class JwtResolver:
             raise _Invalid(_claim_name(names.subject))
         kind = _kind(_claim(caller, names.kind))
         if kind is None:
-            kind = _SERVICE if _client_credentials(caller, subject) else names.default_kind
+            kind = PRINCIPAL_SERVICE if _client_credentials(caller, subject) else names.default_kind
         return Principal(
             subject=subject,
             kind=kind,
@@ -426,7 +428,7 @@ class JwtResolver:
                 _ROLES_MAX,
                 _NAME_MAX,
             ),
-            auth_method=_JWT,
+            auth_method=AUTH_JWT,
             on_behalf_of=on_behalf_of,
             issuer=_text(claims.get("iss"), "iss", _ISSUER_MAX),
         )
@@ -592,10 +594,10 @@ class MtlsResolver:
             ) from None
         return Principal(
             subject=subject,
-            kind=_SERVICE,
+            kind=PRINCIPAL_SERVICE,
             tenant=tenant,
             project=project,
-            auth_method=_MTLS,
+            auth_method=AUTH_MTLS,
             issuer=certificate.issuer,
         )
 
@@ -641,7 +643,7 @@ class GatewayResolver:
         kind_header: str | None = "x-gateway-principal-kind",
         on_behalf_of_header: str | None = "x-gateway-on-behalf-of",
         issuer: str = "",
-        default_kind: PrincipalKind.ValueType = _USER,
+        default_kind: PrincipalKind.ValueType = PRINCIPAL_USER,
     ) -> None:
         self._trust_peer = trust_peer
         self._subject = subject_header.lower()
@@ -699,7 +701,7 @@ class GatewayResolver:
             tenant=text(self._tenant, _NAME_MAX),
             project=text(self._project, _NAME_MAX),
             roles=names(self._roles, _ROLES_MAX, _NAME_MAX),
-            auth_method=_GATEWAY,
+            auth_method=AUTH_GATEWAY,
             on_behalf_of=names(self._on_behalf_of, _ON_BEHALF_OF_MAX, _SUBJECT_MAX),
             issuer=self._issuer,
         )
