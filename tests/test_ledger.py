@@ -44,7 +44,13 @@ from envelope_grpc.ledger import (
 )
 from envelope_grpc.testing.v1 import testing_pb2 as pb
 from envelope_grpc.testing.v1 import testing_pb2_grpc as pb_grpc
-from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope, ExecutionKind, ResourceDimension, Resources
+from envelope_grpc.v1.envelope_pb2 import (
+    DecisionOutcome,
+    ExecutionEnvelope,
+    ExecutionKind,
+    ResourceDimension,
+    Resources,
+)
 from tests.conftest import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +154,7 @@ def admitted(
     decision = env.decision
     decision.outcome = outcome  # type: ignore[assignment]
     decision.policies.add(policy="limits", outcome=outcome)
-    if outcome != model.Outcome.DECISION_OUTCOME_ADMITTED:
+    if outcome != DecisionOutcome.DECISION_OUTCOME_ADMITTED:
         decision.deciding_policy = "limits"
         decision.reason_code = "LIMIT_NARROWED"
         decision.message = "capped"
@@ -191,7 +197,7 @@ def denied(requested: Resources, *, tenant: str, subject: str, at: float = 0.0, 
     model.record_requested(env, requested)
     model.transition(env, model.NORMALIZED, actor="extractor", now_ns=now + 1_000)
     decision = env.decision
-    decision.outcome = model.Outcome.DECISION_OUTCOME_DENIED
+    decision.outcome = DecisionOutcome.DECISION_OUTCOME_DENIED
     decision.deciding_policy = "limits"
     decision.reason_code = "LIMIT_EXCEEDED"
     decision.message = "too many accelerators"
