@@ -8,20 +8,24 @@ from collections.abc import Sequence
 from typing import IO, Any, Final
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from envelope_grpc import _table
 from envelope_grpc._envelope import DIMENSION_FIELDS
 from envelope_grpc._ledger_stats import LedgerStats
-from envelope_grpc._telemetry import KIND_NAMES, OUTCOME_NAMES, STATE_NAMES
+from envelope_grpc._telemetry import (
+    AUTH_NAMES,
+    CLASSIFICATION_NAMES,
+    FLAG_NAMES,
+    KIND_NAMES,
+    MODE_NAMES,
+    OUTCOME_NAMES,
+    PRINCIPAL_NAMES,
+    STATE_NAMES,
+)
+from envelope_grpc._values import STAGE_ADMISSION, STAGE_BACKEND
 from envelope_grpc.ledger import LineageNode
 from envelope_grpc.v1.envelope_pb2 import (
-    AuthMethod,
-    DataClassification,
-    EnforcementMode,
-    EnvelopeFlag,
     ExecutionEnvelope,
-    PrincipalKind,
     Resources,
 )
 
@@ -32,21 +36,10 @@ _STATUS: Final = {code.value[0]: code.name for code in grpc.StatusCode}
 _WIDTHS: Final = (23, 8, 8, 10, 8, 14, 18, 18, 22, 28, 10)
 
 
-def _short(enum: Any, value: int, prefix: str) -> str:
-    try:
-        return str(enum.Name(value))[len(prefix) :].lower()
-    except ValueError:
-        return str(value)
-
-
 def when(ns: int) -> str:
     """Nanoseconds since the epoch as local time to the millisecond."""
     moment = datetime.datetime.fromtimestamp(ns / 1e9).astimezone()
     return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
-
-
-def _ns(stamp: Timestamp) -> int:
-    return stamp.seconds * 1_000_000_000 + stamp.nanos
 
 
 def _duration(ns: int) -> str:
@@ -59,7 +52,7 @@ def _duration(ns: int) -> str:
 
 def row(env: ExecutionEnvelope) -> tuple[str, ...]:
     """One envelope as the cells of the ledger's table."""
-    return (when(_ns(env.lifecycle.start_time)), *_table.row(env))
+    return (when(env.lifecycle.start_time.ToNanoseconds()), *_table.row(env))
 
 
 def table(envelopes: Sequence[ExecutionEnvelope], out: IO[str]) -> None:
@@ -121,7 +114,7 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
     principal = env.principal
     execution = env.execution
     lifecycle = env.lifecycle
-    start = _ns(lifecycle.start_time)
+    start = lifecycle.start_time.ToNanoseconds()
     write(f"envelope   {env.envelope_id}\n")
     write(f"request    {env.request_id}\n")
     if env.trace_id:
@@ -134,8 +127,8 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
     write(f"kind       {kind} · {what}{' · ' + attributes if attributes else ''}\n")
     who = [
         f"{principal.subject or 'anonymous'} ("
-        f"{_short(PrincipalKind, principal.kind, 'PRINCIPAL_KIND_')}, "
-        f"{_short(AuthMethod, principal.auth_method, 'AUTH_METHOD_')})"
+        f"{PRINCIPAL_NAMES.get(principal.kind, str(principal.kind))}, "
+        f"{AUTH_NAMES.get(principal.auth_method, str(principal.auth_method))})"
     ]
     for label, text in (
         ("tenant", principal.tenant),
@@ -157,7 +150,7 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
     scoped = [
         text
         for text in (
-            _short(DataClassification, scope.data_classification, "DATA_CLASSIFICATION_")
+            CLASSIFICATION_NAMES.get(scope.data_classification, str(scope.data_classification))
             if scope.data_classification
             else "",
             f"region {scope.region}" if scope.region else "",
@@ -176,18 +169,18 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
     state = STATE_NAMES.get(lifecycle.state, "?")
     timing = f"started {when(start)}"
     if lifecycle.HasField("end_time"):
-        timing += f" · took {_duration(_ns(lifecycle.end_time) - start)}"
+        timing += f" · took {_duration(lifecycle.end_time.ToNanoseconds() - start)}"
     else:
         timing += " · unfinished"
     write(f"state      {state} · {timing}\n")
     if env.flags:
-        flags = ", ".join(_short(EnvelopeFlag, flag, "ENVELOPE_FLAG_") for flag in env.flags)
+        flags = ", ".join(FLAG_NAMES.get(flag, str(flag)) for flag in env.flags)
         write(f"flags      {flags}\n")
 
     write("\nlifecycle\n")
     steps = [
         (
-            f"+{_duration(_ns(step.time) - start)}" if index else when(_ns(step.time)),
+            f"+{_duration(step.time.ToNanoseconds() - start)}" if index else when(step.time.ToNanoseconds()),
             STATE_NAMES.get(getattr(step, "from"), "?") + " → " + STATE_NAMES.get(step.to, "?"),
             step.actor,
             step.reason,
@@ -196,8 +189,8 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
     ]
     _indented(steps, out)
 
-    admission = next((g for g in env.grants if g.stage == 1), None)
-    backend = next((g for g in env.grants if g.stage == 2), None)
+    admission = next((g for g in env.grants if g.stage == STAGE_ADMISSION), None)
+    backend = next((g for g in env.grants if g.stage == STAGE_BACKEND), None)
     columns = [("requested", env.requested if env.HasField("requested") else None)]
     if admission is not None:
         columns.append((f"admission ({OUTCOME_NAMES[admission.outcome]})", admission.resources))
@@ -222,7 +215,7 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
         write("  none requested or granted\n")
     for grant in (admission, backend):
         if grant is not None and grant.reason_code:
-            stage = "admission" if grant.stage == 1 else "backend"
+            stage = "admission" if grant.stage == STAGE_ADMISSION else "backend"
             write(f"  {stage} grant: {grant.reason_code} — {grant.reason}\n")
 
     decision = env.decision
@@ -234,7 +227,7 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
         summary += f" ({decision.reason_code})"
     if decision.message:
         summary += f": {decision.message}"
-    mode = _short(EnforcementMode, decision.mode, "ENFORCEMENT_MODE_") if decision.mode else "enforce"
+    mode = MODE_NAMES.get(decision.mode, str(decision.mode)) if decision.mode else "enforce"
     write(f"  {summary} · {mode}{' · FAIL-OPEN' if decision.fail_open else ''}\n")
     if decision.policies:
         _indented(
@@ -243,7 +236,7 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
                 (
                     verdict.policy,
                     OUTCOME_NAMES.get(verdict.outcome, "?"),
-                    _short(EnforcementMode, verdict.mode, "ENFORCEMENT_MODE_") if verdict.mode else "enforce",
+                    MODE_NAMES.get(verdict.mode, str(verdict.mode)) if verdict.mode else "enforce",
                     verdict.reason_code or "-",
                     f"{verdict.duration_us} µs",
                     "; ".join(
@@ -297,11 +290,10 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
 
 
 def _indented(rows: Sequence[Sequence[str]], out: IO[str], *, header: bool = False) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for index, cells in enumerate(rows):
-        out.write("  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() + "\n")
-        if header and index == 0:
-            out.write("  " + "  ".join("-" * w for w in widths) + "\n")
+    if header:
+        _table.render(rows[1:], out, rows[0], indent="  ")
+    else:
+        _table.render(rows, out, None, indent="  ")
 
 
 # -- stats ---------------------------------------------------------------------------------

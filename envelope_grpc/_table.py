@@ -89,16 +89,20 @@ def row(env: ExecutionEnvelope) -> tuple[str, ...]:
     )
 
 
-def render(rows: Sequence[Sequence[str]], out: IO[str], header: Sequence[str] = HEADER) -> None:
-    """Write ``rows`` under ``header`` as aligned columns."""
-    table = [tuple(header), *(tuple(r) for r in rows)]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+def render(
+    rows: Sequence[Sequence[str]], out: IO[str], header: Sequence[str] | None = HEADER, *, indent: str = ""
+) -> None:
+    """Write ``rows`` as aligned columns, under ``header`` and a rule when
+    there is one, each line starting with ``indent``."""
+    table = [tuple(r) for r in ([header] if header is not None else []) + list(rows)]
+    if not table:
+        return
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for index, cells in enumerate(table):
-        out.write(
-            "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip() + "\n"
-        )
-        if index == 0:
-            out.write("  ".join("-" * width for width in widths) + "\n")
+        line = "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+        out.write(indent + line.rstrip() + "\n")
+        if index == 0 and header is not None:
+            out.write(indent + "  ".join("-" * width for width in widths) + "\n")
 
 
 def envelopes(items: Sequence[ExecutionEnvelope], out: IO[str]) -> None:

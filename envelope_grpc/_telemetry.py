@@ -40,11 +40,11 @@ def _names(enum: object, prefix: str) -> dict[int, str]:
 KIND_NAMES: Final = _names(ExecutionKind, "EXECUTION_KIND_")
 OUTCOME_NAMES: Final = _names(DecisionOutcome, "DECISION_OUTCOME_")
 STATE_NAMES: Final = _names(LifecycleState, "LIFECYCLE_STATE_")
-_PRINCIPAL_NAMES: Final = _names(PrincipalKind, "PRINCIPAL_KIND_")
-_AUTH_NAMES: Final = _names(AuthMethod, "AUTH_METHOD_")
-_CLASS_NAMES: Final = _names(DataClassification, "DATA_CLASSIFICATION_")
-_MODE_NAMES: Final = _names(EnforcementMode, "ENFORCEMENT_MODE_")
-_FLAG_NAMES: Final = _names(EnvelopeFlag, "ENVELOPE_FLAG_")
+PRINCIPAL_NAMES: Final = _names(PrincipalKind, "PRINCIPAL_KIND_")
+AUTH_NAMES: Final = _names(AuthMethod, "AUTH_METHOD_")
+CLASSIFICATION_NAMES: Final = _names(DataClassification, "DATA_CLASSIFICATION_")
+MODE_NAMES: Final = _names(EnforcementMode, "ENFORCEMENT_MODE_")
+FLAG_NAMES: Final = _names(EnvelopeFlag, "ENVELOPE_FLAG_")
 
 
 def _resources(out: dict[str, AttributeValue], prefix: str, resources: Resources) -> None:
@@ -63,8 +63,8 @@ def attributes(env: ExecutionEnvelope) -> dict[str, AttributeValue]:
         k.ATTR_KIND: KIND_NAMES[execution.kind],
         k.ATTR_STATE: STATE_NAMES[env.lifecycle.state],
         k.ATTR_OUTCOME: OUTCOME_NAMES[decision.outcome],
-        k.ATTR_PRINCIPAL_KIND: _PRINCIPAL_NAMES[principal.kind],
-        k.ATTR_AUTH: _AUTH_NAMES[principal.auth_method],
+        k.ATTR_PRINCIPAL_KIND: PRINCIPAL_NAMES[principal.kind],
+        k.ATTR_AUTH: AUTH_NAMES[principal.auth_method],
     }
     lineage = env.lineage
     if lineage.parent_envelope_id:
@@ -88,13 +88,13 @@ def attributes(env: ExecutionEnvelope) -> dict[str, AttributeValue]:
         if value:
             out[key] = value
     if env.scope.data_classification:
-        out[k.ATTR_CLASSIFICATION] = _CLASS_NAMES[env.scope.data_classification]
+        out[k.ATTR_CLASSIFICATION] = CLASSIFICATION_NAMES[env.scope.data_classification]
     if decision.policies:
-        out[k.ATTR_MODE] = _MODE_NAMES[decision.mode]
+        out[k.ATTR_MODE] = MODE_NAMES[decision.mode]
     if decision.fail_open:
         out[k.ATTR_FAIL_OPEN] = True
     if env.flags:
-        out[k.ATTR_FLAGS] = [_FLAG_NAMES[flag] for flag in env.flags]
+        out[k.ATTR_FLAGS] = [FLAG_NAMES[flag] for flag in env.flags]
     _resources(out, k.ATTR_REQUESTED_PREFIX, env.requested)
     if env.grants and env.grants[-1].outcome != OUTCOME_ADMITTED:  # as asked: requested says it all
         _resources(out, k.ATTR_GRANTED_PREFIX, env.grants[-1].resources)
