@@ -185,6 +185,20 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
         if reason:
             refuse(context, "PATH_CONFLICT", reason, _PRECONDITION)
 
+    def _stored_size(
+        self, context: grpc.ServicerContext, request: pb.DownloadRequest | pb.CopyRequest, size: int
+    ) -> None:
+        """Refuse a stored object whose size is not the declared one, or is
+        more than admission granted."""
+        if request.HasField("size_bytes") and request.size_bytes != size:
+            refuse(
+                context,
+                "SIZE_MISMATCH",
+                f"the object has {size} bytes, not {request.size_bytes}",
+                _PRECONDITION,
+            )
+        self._within_grant(context, size)
+
     def _within_grant(self, context: grpc.ServicerContext, size: int) -> None:
         allowed = _admitted_bytes()
         if allowed is not None and size > allowed:
@@ -303,14 +317,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
         self._scope(context, store, request.data_classification, request.region, writing=False)
         relative, source, size = self._open(context, store, request.path)
         with source:
-            if request.HasField("size_bytes") and request.size_bytes != size:
-                refuse(
-                    context,
-                    "SIZE_MISMATCH",
-                    f"the object has {size} bytes, not {request.size_bytes}",
-                    _PRECONDITION,
-                )
-            self._within_grant(context, size)
+            self._stored_size(context, request, size)
             digest = hashlib.sha256()
             for block in iter(lambda: source.read(MAX_CHUNK), b""):
                 digest.update(block)
@@ -333,14 +340,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
         self._writable(context, destination, file)
         relative, source, size = self._open(context, origin, request.source_path)
         with source:
-            if request.HasField("size_bytes") and request.size_bytes != size:
-                refuse(
-                    context,
-                    "SIZE_MISMATCH",
-                    f"the object has {size} bytes, not {request.size_bytes}",
-                    _PRECONDITION,
-                )
-            self._within_grant(context, size)
+            self._stored_size(context, request, size)
             grant_and_bind(
                 size,
                 _binding(
