@@ -208,8 +208,12 @@ class Backend:
         config: EnvelopeConfig,
         tracer_provider: TracerProvider | None,
         downstream: Callable[[], str] | None = None,
+        *,
+        server_credentials: grpc.ServerCredentials | None = None,
+        channel_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.flavor = flavor
+        self.server_credentials = server_credentials
         self.collector = Collector()
         self.config = dataclasses.replace(config, sinks=(*config.sinks, self.collector))
         self.tracer_provider = tracer_provider
@@ -217,7 +221,11 @@ class Backend:
         self._stop: Callable[[], None] = lambda: None
         self.port = self._start_sync() if flavor == "grpc" else self._start_aio()
         self.address = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = (
+            grpc.secure_channel(self.address, channel_credentials)
+            if channel_credentials is not None
+            else grpc.insecure_channel(self.address)
+        )
         self.stub = pb_grpc.ExecutionTestServiceStub(self.channel)
 
     def _interceptors(self, module: Any) -> list[Any]:
@@ -225,12 +233,18 @@ class Backend:
             return [module.EnvelopeServerInterceptor(self.config)]
         return list(module.server_interceptors(self.config, tracer_provider=self.tracer_provider))
 
+    def _bind(self, server: Any) -> int:
+        address = "127.0.0.1:0"
+        if self.server_credentials is not None:
+            return int(server.add_secure_port(address, self.server_credentials))
+        return int(server.add_insecure_port(address))
+
     def _start_sync(self) -> int:
         interceptors = self._interceptors(envelope_grpc)
         self.interceptor = interceptors[-1]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=interceptors)
         pb_grpc.add_ExecutionTestServiceServicer_to_server(SyncServicer(self.downstream), server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = self._bind(server)
         server.start()
         self._stop = lambda: server.stop(None).wait()
         return port
@@ -245,7 +259,7 @@ class Backend:
             self.interceptor = interceptors[-1]
             server = grpc.aio.server(interceptors=interceptors)
             pb_grpc.add_ExecutionTestServiceServicer_to_server(AsyncServicer(self.downstream), server)
-            port = server.add_insecure_port("127.0.0.1:0")
+            port = self._bind(server)
             await server.start()
             started.set_result(port)
             await stopped.wait()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import datetime
@@ -11,10 +10,8 @@ import hmac
 import ipaddress
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -29,12 +26,9 @@ from grpc_status import rpc_status
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-import envelope_grpc
-import envelope_grpc.aio
 from envelope_grpc import CallInfo, EnvelopeConfig, Peer, Unauthenticated, to_json, validate
 from envelope_grpc.identity import ClaimMap, GatewayResolver, JwtResolver, MtlsResolver, trust_networks
 from envelope_grpc.testing.v1 import testing_pb2 as pb
-from envelope_grpc.testing.v1 import testing_pb2_grpc as pb_grpc
 from envelope_grpc.v1.envelope_pb2 import (
     AuthMethod,
     DecisionOutcome,
@@ -42,7 +36,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     ExecutionEnvelope,
     PrincipalKind,
 )
-from tests.conftest import AsyncServicer, Backend, Collector, SyncServicer, error_info, server_span, states
+from tests.conftest import Backend, error_info, server_span, states
 
 RUN = "/envelope_grpc.testing.v1.ExecutionTestService/Run"
 REQUEST = pb.RunRequest(model="llama-3-8b", max_tokens=16, behavior="ok")
@@ -466,75 +460,24 @@ def pki() -> Pki:
     return Pki(ca.public_bytes(serialization.Encoding.PEM), server_key, server_cert, client_key, client_cert)
 
 
-class TlsServer:
-    """A TLS server of one flavour with the envelope interceptors and a
-    client channel (with the client certificate when ``client_auth``)."""
+@pytest.fixture
+def tls_server(flavor: str, pki: Pki, spans: InMemorySpanExporter) -> Iterator[Callable[..., Backend]]:
+    """Start a TLS server of the test's flavour: tls_server(config, client_auth=True);
+    its client presents the client certificate when ``client_auth``."""
+    started: list[Backend] = []
 
-    def __init__(
-        self, flavor: str, config: EnvelopeConfig, pki: Pki, client_auth: bool, spans: InMemorySpanExporter
-    ) -> None:
-        self.collector = Collector()
-        config = dataclasses.replace(config, sinks=(self.collector,))
-        credentials = grpc.ssl_server_credentials(
+    def start(config: EnvelopeConfig, *, client_auth: bool = True) -> Backend:
+        server_credentials = grpc.ssl_server_credentials(
             [(pki.server_key, pki.server_cert)], root_certificates=pki.ca, require_client_auth=client_auth
         )
-        module: Any = envelope_grpc if flavor == "grpc" else envelope_grpc.aio
-        self.interceptors = module.server_interceptors(config, tracer_provider=spans.provider)  # type: ignore[attr-defined]
-        self._stop: Callable[[], object]
-        port = self._start_sync(credentials) if flavor == "grpc" else self._start_aio(credentials)
-        channel_credentials = (
-            grpc.ssl_channel_credentials(pki.ca, pki.client_key, pki.client_cert)
-            if client_auth
-            else grpc.ssl_channel_credentials(pki.ca)
+        client = (pki.ca, pki.client_key, pki.client_cert) if client_auth else (pki.ca,)
+        server = Backend(
+            flavor,
+            config,
+            spans.provider,  # type: ignore[attr-defined]
+            server_credentials=server_credentials,
+            channel_credentials=grpc.ssl_channel_credentials(*client),
         )
-        self.channel = grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials)
-        self.stub = pb_grpc.ExecutionTestServiceStub(self.channel)
-
-    def _start_sync(self, credentials: grpc.ServerCredentials) -> int:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=self.interceptors)
-        pb_grpc.add_ExecutionTestServiceServicer_to_server(SyncServicer(), server)
-        port = server.add_secure_port("127.0.0.1:0", credentials)
-        server.start()
-        self._stop = lambda: server.stop(None).wait()
-        return port
-
-    def _start_aio(self, credentials: grpc.ServerCredentials) -> int:
-        started: futures.Future[int] = futures.Future()
-        loop = asyncio.new_event_loop()
-        stopped = asyncio.Event()
-
-        async def serve() -> None:
-            server = grpc.aio.server(interceptors=self.interceptors)
-            pb_grpc.add_ExecutionTestServiceServicer_to_server(AsyncServicer(), server)
-            started.set_result(server.add_secure_port("127.0.0.1:0", credentials))
-            await server.start()
-            await stopped.wait()
-            await server.stop(None)
-
-        thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-        thread.start()
-
-        def stop() -> None:
-            loop.call_soon_threadsafe(stopped.set)
-            thread.join(10)
-            loop.close()
-
-        self._stop = stop
-        return started.result(10)
-
-    def close(self) -> None:
-        self.channel.close()
-        self._stop()
-        self.interceptors[-1].close()
-
-
-@pytest.fixture
-def tls_server(flavor: str, pki: Pki, spans: InMemorySpanExporter) -> Iterator[Callable[..., TlsServer]]:
-    """Start a TLS server of the test's flavour: tls_server(config, client_auth=True)."""
-    started: list[TlsServer] = []
-
-    def start(config: EnvelopeConfig, *, client_auth: bool = True) -> TlsServer:
-        server = TlsServer(flavor, config, pki, client_auth, spans)
         started.append(server)
         return server
 
@@ -544,7 +487,7 @@ def tls_server(flavor: str, pki: Pki, spans: InMemorySpanExporter) -> Iterator[C
 
 
 def test_client_certificate_names_a_service(
-    tls_server: Callable[..., TlsServer], spans: InMemorySpanExporter
+    tls_server: Callable[..., Backend], spans: InMemorySpanExporter
 ) -> None:
     resolver = MtlsResolver(required=True, tenant="ns", project=lambda subject: subject.rpartition("/")[2])
     server = tls_server(EnvelopeConfig(resolvers=[resolver]))
@@ -567,7 +510,7 @@ def test_client_certificate_names_a_service(
 
 
 @pytest.mark.parametrize("required", [True, False])
-def test_no_client_certificate(tls_server: Callable[..., TlsServer], required: bool) -> None:
+def test_no_client_certificate(tls_server: Callable[..., Backend], required: bool) -> None:
     server = tls_server(EnvelopeConfig(resolvers=[MtlsResolver(required=required)]), client_auth=False)
     if required:
         with pytest.raises(grpc.RpcError) as caught:
@@ -582,7 +525,7 @@ def test_no_client_certificate(tls_server: Callable[..., TlsServer], required: b
 
 
 def test_client_certificate_of_a_foreign_trust_domain_is_refused(
-    tls_server: Callable[..., TlsServer],
+    tls_server: Callable[..., Backend],
 ) -> None:
     server = tls_server(EnvelopeConfig(resolvers=[MtlsResolver(trust_domains={"prod.example.org"})]))
     with pytest.raises(grpc.RpcError) as caught:
