@@ -132,6 +132,15 @@ def start(
     return Running(server, bound, envelope, tuple(services))
 
 
+def wait_for_stop() -> None:
+    """Block until SIGINT or SIGTERM."""
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    while not stopped.wait(0.5):  # a signal may land on a grpc thread: poll, do not block forever
+        pass
+
+
 #: Builds a service's list from the parsed command line and the tracer provider.
 Build = Callable[[argparse.Namespace, TracerProvider], Sequence[Service]]
 
@@ -164,11 +173,7 @@ def main(
     except OSError as error:
         parser.exit(1, f"{parser.prog}: {error}\n")
     print(f"{name} serving on {running.address}", flush=True)
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    signal.signal(signal.SIGINT, lambda *_: stopped.set())
-    while not stopped.wait(0.5):  # a signal may land on a grpc thread: poll, do not block forever
-        pass
+    wait_for_stop()
     running.stop(grace=2)
     provider.shutdown()
     return 0

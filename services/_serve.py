@@ -5,15 +5,13 @@ SIGTERM. Spans go to an OTLP backend when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 from typing import IO
 
 from envelope_grpc import EnvelopeConfig, JsonLinesSink, Sink
 from envelope_grpc.ledger import DEFAULT_URL, ENV_VAR, LedgerSink
 from services._backend import NAMES, start_backend
-from services._runtime import tracer_provider, trusted_loopback
+from services._runtime import tracer_provider, trusted_loopback, wait_for_stop
 
 
 def run(
@@ -30,11 +28,7 @@ def run(
         out.write(f"{name:14s} {backend.address(name)}\n")
     out.write(f"audit: {audit_path}; ledger: {recorder.url}; stores: {backend.root}; Ctrl-C stops\n")
     out.flush()
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    signal.signal(signal.SIGINT, lambda *_: stopped.set())
-    while not stopped.wait(0.5):  # a signal may land on a grpc thread: poll, do not block forever
-        pass
+    wait_for_stop()
     backend.stop()
     recorder.close()
     provider.shutdown()
