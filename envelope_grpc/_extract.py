@@ -14,7 +14,7 @@ import fnmatch
 import math
 import operator
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from google.protobuf import descriptor_pool
@@ -167,19 +167,8 @@ def _find_method(pool: descriptor_pool.DescriptorPool, method: str) -> MethodDes
 _MAX_DEPTH: Final = 8
 _INT64: Final = 2**63
 _Apply = Callable[[Extraction, Any], None]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Node:
-    """One request field on the way to annotated fields, compiled once."""
-
-    name: str
-    repeated: bool
-    presence: bool
-    default: Any
-    enum_names: Mapping[int, str] | None
-    apply: _Apply | None
-    children: tuple[_Node, ...]
+#: Visits one field of a message: reads it and applies what it holds.
+_Visit = Callable[[Extraction, Message], None]
 
 
 def declarative_plan(method: str, descriptor: MethodDescriptor) -> MethodPlan | None:
@@ -187,19 +176,22 @@ def declarative_plan(method: str, descriptor: MethodDescriptor) -> MethodPlan | 
     request type, or None when neither is annotated."""
     options = descriptor.GetOptions()
     rule = options.Extensions[options_pb2.method] if options.HasExtension(options_pb2.method) else None
-    nodes = _compile(descriptor.input_type, frozenset(), 0)
-    if rule is None and not nodes:
+    visitors = _compile(descriptor.input_type, frozenset(), 0)
+    if rule is None and not visitors:
         return None
     if rule is not None and rule.skip:
         return MethodPlan(method, Action.SKIP)
     kind = rule.kind if rule is not None else ExecutionKind.EXECUTION_KIND_UNSPECIFIED
     target_type = rule.target_type if rule is not None else ""
-    extractor = _DeclaredExtractor(kind, target_type, nodes)
+    extractor = _DeclaredExtractor(kind, target_type, visitors)
     return MethodPlan(method, Action.RECORD, extractor, kind, extractor.fill)
 
 
-def _compile(message: Descriptor, seen: frozenset[str], depth: int) -> tuple[_Node, ...]:
-    nodes: list[_Node] = []
+def _compile(message: Descriptor, seen: frozenset[str], depth: int) -> tuple[_Visit, ...]:
+    """One visitor per field that is annotated or leads to annotated fields,
+    each specialized once for the field's shape (repeated, with presence or
+    not, enum, nested): the per-call walk then makes no decision of its own."""
+    visitors: list[_Visit] = []
     for field in message.fields:
         options = field.GetOptions()
         apply = (
@@ -207,7 +199,6 @@ def _compile(message: Descriptor, seen: frozenset[str], depth: int) -> tuple[_No
             if options.HasExtension(options_pb2.field)
             else None
         )
-        children: tuple[_Node, ...] = ()
         nested = field.message_type
         if (
             apply is None
@@ -218,54 +209,66 @@ def _compile(message: Descriptor, seen: frozenset[str], depth: int) -> tuple[_No
             and depth + 1 < _MAX_DEPTH
         ):
             children = _compile(nested, seen | {message.full_name}, depth + 1)
-        if apply is None and not children:
-            continue
-        enum = field.enum_type
-        nodes.append(
-            _Node(
-                name=field.name,
-                repeated=field.label == FieldDescriptor.LABEL_REPEATED,
-                presence=field.has_presence,
-                default=field.default_value,
-                enum_names={v.number: v.name for v in enum.values} if enum is not None else None,
-                apply=apply,
-                children=children,
-            )
-        )
-    return tuple(nodes)
+            if children:
+                apply = _each(children)
+        if apply is not None:
+            if field.enum_type is not None:
+                apply = _named(apply, {v.number: v.name for v in field.enum_type.values})
+            visitors.append(_visitor(field, apply))
+    return tuple(visitors)
 
 
-def _walk(found: Extraction, message: Message, nodes: tuple[_Node, ...]) -> None:
-    for node in nodes:
-        if node.repeated:
-            items: Sequence[Any] = getattr(message, node.name)
-        elif node.presence:
-            if not message.HasField(node.name):
-                continue
-            items = (getattr(message, node.name),)
-        else:
-            value = getattr(message, node.name)
-            if value == node.default:
-                continue
-            items = (value,)
-        for item in items:
-            if node.apply is None:
-                _walk(found, item, node.children)
-            elif node.enum_names is not None:
-                node.apply(found, node.enum_names.get(item, item))
-            else:
-                node.apply(found, item)
+def _each(children: tuple[_Visit, ...]) -> _Apply:
+    def apply(found: Extraction, message: Any) -> None:
+        for visit in children:
+            visit(found, message)
+
+    return apply
+
+
+def _named(apply: _Apply, names: Mapping[int, str]) -> _Apply:
+    def named(found: Extraction, value: Any) -> None:
+        apply(found, names.get(value, value))
+
+    return named
+
+
+def _visitor(field: FieldDescriptor, apply: _Apply) -> _Visit:
+    name = field.name
+    read = operator.attrgetter(name)
+    if field.label == FieldDescriptor.LABEL_REPEATED:
+
+        def visit_each(found: Extraction, message: Message) -> None:
+            for item in read(message):
+                apply(found, item)
+
+        return visit_each
+    if field.has_presence:
+
+        def visit_present(found: Extraction, message: Message) -> None:
+            if message.HasField(name):
+                apply(found, read(message))
+
+        return visit_present
+    default = field.default_value
+
+    def visit_set(found: Extraction, message: Message) -> None:
+        value = read(message)
+        if value != default:
+            apply(found, value)
+
+    return visit_set
 
 
 class _DeclaredExtractor:
     """Applies the field rules found on a request type."""
 
-    __slots__ = ("kind", "nodes", "target_type")
+    __slots__ = ("kind", "target_type", "visitors")
 
-    def __init__(self, kind: ExecutionKind.ValueType, target_type: str, nodes: tuple[_Node, ...]) -> None:
+    def __init__(self, kind: ExecutionKind.ValueType, target_type: str, visitors: tuple[_Visit, ...]) -> None:
         self.kind = kind
         self.target_type = target_type
-        self.nodes = nodes
+        self.visitors = visitors
 
     def __call__(self, request: Message) -> Extraction:
         found = Extraction(kind=self.kind)
@@ -276,10 +279,13 @@ class _DeclaredExtractor:
         """Write what ``request`` declares into ``found``."""
         if self.target_type:
             found.target.type = self.target_type
-        _walk(found, request, self.nodes)
+        for visit in self.visitors:
+            visit(found, request)
 
 
 def _text(value: Any) -> str:
+    if value.__class__ is str:
+        return value
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -317,11 +323,20 @@ def _set_once(
 ) -> _Apply:
     """An applier for a single-valued destination: the first value wins."""
     limit = _LIMITS.get(part, _MAX_VALUE)
+    present = operator.attrgetter(part)
+    if convert is None:
+
+        def apply_text(found: Extraction, value: Any) -> None:
+            target = holder(found)
+            if not present(target):
+                setattr(target, part, _text(value)[:limit])
+
+        return apply_text
 
     def apply(found: Extraction, value: Any) -> None:
         target = holder(found)
-        if not getattr(target, part):
-            setattr(target, part, convert(value) if convert is not None else _text(value)[:limit])
+        if not present(target):
+            setattr(target, part, convert(value))
 
     return apply
 
@@ -370,13 +385,16 @@ def _resource_applier(rule: FieldRule) -> _Apply:
     scale = rule.scale or 1
 
     def add(found: Extraction, value: Any) -> None:
-        number = float(value) * scale
-        if not math.isfinite(number) or abs(number) >= _INT64:
-            raise ValueError(f"{name} is out of range")
-        amount = round(number)
+        if value.__class__ is int:  # exact, and the common case
+            amount = value * scale
+        else:
+            number = float(value) * scale
+            if not math.isfinite(number) or abs(number) >= _INT64:
+                raise ValueError(f"{name} is out of range")
+            amount = round(number)
         requested = found.requested
         total = getattr(requested, name) + amount if requested.HasField(name) else amount
-        if abs(total) >= _INT64:
+        if abs(total) >= _INT64 or abs(amount) >= _INT64:
             raise ValueError(f"{name} is out of range")
         setattr(requested, name, total)
 

@@ -23,6 +23,9 @@ _FACTORIES: dict[tuple[bool, bool], tuple[str, Callable[..., _Handler]]] = {
 }
 
 
+_MAX_WRAPPED = 4096
+
+
 def counted(call: Call, first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     """The request stream as the handler sees it: the peeked first message,
     then the rest, each counted."""
@@ -40,6 +43,10 @@ class InterceptorBase:
 
     def __init__(self, config: EnvelopeConfig | None = None) -> None:
         self.core = Core(config or EnvelopeConfig())
+        # The wrapped handler of each method, with the handler and plan it was
+        # made from: a server hands out the same handler for every call of a
+        # method, and a plan changes only when the registry's rules do.
+        self._wrapped: dict[str, tuple[_Handler, MethodPlan, _Handler]] = {}
 
     def _intercept(
         self, handler: _Handler | None, method: str, wrap: Callable[[Core, MethodPlan, _Handler], _Handler]
@@ -47,7 +54,14 @@ class InterceptorBase:
         if handler is None:
             return None
         plan = self.core.plan(method)
-        return handler if plan.action is Action.SKIP else wrap(self.core, plan, handler)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler and cached[1] is plan:
+            return cached[2]
+        wrapped = handler if plan.action is Action.SKIP else wrap(self.core, plan, handler)
+        if len(self._wrapped) >= _MAX_WRAPPED:  # bounded: methods may be many
+            self._wrapped.clear()
+        self._wrapped[method] = (handler, plan, wrapped)
+        return wrapped
 
     def sink_stats(self) -> SinkStats | None:
         """The audit dispatcher's counters (None without sinks)."""

@@ -6,9 +6,12 @@ _constants; nothing is computed for a span that is not recording.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
@@ -52,11 +55,20 @@ def _resources(out: dict[str, AttributeValue], prefix: str, resources: Resources
         out[prefix + field.name] = value
 
 
+def _put_set(out: dict[str, AttributeValue], pairs: tuple[tuple[str, str], ...]) -> None:
+    for key, value in pairs:
+        if value:
+            out[key] = value
+
+
 def attributes(env: ExecutionEnvelope) -> dict[str, AttributeValue]:
     """The envelope as ``execution_envelope.*`` span attributes (set values only)."""
     execution = env.execution
     principal = env.principal
     decision = env.decision
+    target = execution.target
+    scope = env.scope
+    reason = decision.reason_code or env.outcome.reason_code
     out: dict[str, AttributeValue] = {
         k.ATTR_ID: env.envelope_id,
         k.ATTR_REQUEST_ID: env.request_id,
@@ -66,29 +78,30 @@ def attributes(env: ExecutionEnvelope) -> dict[str, AttributeValue]:
         k.ATTR_PRINCIPAL_KIND: PRINCIPAL_NAMES[principal.kind],
         k.ATTR_AUTH: AUTH_NAMES[principal.auth_method],
     }
-    lineage = env.lineage
-    if lineage.parent_envelope_id:
+    if env.HasField("lineage"):
+        lineage = env.lineage
         out[k.ATTR_PARENT_ID] = lineage.parent_envelope_id
         out[k.ATTR_ROOT_ID] = lineage.root_envelope_id
         out[k.ATTR_DEPTH] = lineage.depth
-    target = execution.target
-    for key, value in (
-        (k.ATTR_TARGET_TYPE, target.type),
-        (k.ATTR_TARGET_NAME, target.name),
-        (k.ATTR_TARGET_VERSION, target.version),
-        (k.ATTR_SUBJECT, principal.subject),
-        (k.ATTR_TENANT, principal.tenant),
-        (k.ATTR_PROJECT, principal.project),
-        (k.ATTR_REGION, env.scope.region),
-        (k.ATTR_POLICY, decision.deciding_policy),
-        (k.ATTR_REASON, decision.reason_code or env.outcome.reason_code),
-        (k.ATTR_BINDING_NODE, env.binding.node),
-        (k.ATTR_BINDING_ENDPOINT, env.binding.endpoint),
-    ):
-        if value:
-            out[key] = value
-    if env.scope.data_classification:
-        out[k.ATTR_CLASSIFICATION] = CLASSIFICATION_NAMES[env.scope.data_classification]
+    _put_set(
+        out,
+        (
+            (k.ATTR_TARGET_TYPE, target.type),
+            (k.ATTR_TARGET_NAME, target.name),
+            (k.ATTR_TARGET_VERSION, target.version),
+            (k.ATTR_SUBJECT, principal.subject),
+            (k.ATTR_TENANT, principal.tenant),
+            (k.ATTR_PROJECT, principal.project),
+            (k.ATTR_REGION, scope.region),
+            (k.ATTR_POLICY, decision.deciding_policy),
+            (k.ATTR_REASON, reason),
+        ),
+    )
+    if env.HasField("binding"):
+        binding = env.binding
+        _put_set(out, ((k.ATTR_BINDING_NODE, binding.node), (k.ATTR_BINDING_ENDPOINT, binding.endpoint)))
+    if scope.data_classification:
+        out[k.ATTR_CLASSIFICATION] = CLASSIFICATION_NAMES[scope.data_classification]
     if decision.policies:
         out[k.ATTR_MODE] = MODE_NAMES[decision.mode]
     if decision.fail_open:
@@ -96,13 +109,16 @@ def attributes(env: ExecutionEnvelope) -> dict[str, AttributeValue]:
     if env.flags:
         out[k.ATTR_FLAGS] = [FLAG_NAMES[flag] for flag in env.flags]
     _resources(out, k.ATTR_REQUESTED_PREFIX, env.requested)
-    if env.grants and env.grants[-1].outcome != OUTCOME_ADMITTED:  # as asked: requested says it all
-        _resources(out, k.ATTR_GRANTED_PREFIX, env.grants[-1].resources)
+    grants = env.grants
+    if grants and grants[-1].outcome != OUTCOME_ADMITTED:  # as asked: requested says it all
+        _resources(out, k.ATTR_GRANTED_PREFIX, grants[-1].resources)
     usage = env.outcome.usage
-    streamed = usage.request_messages > 1 or usage.response_messages > 1
-    for field, value in usage.ListFields():
-        if streamed or field.name not in _STREAM_USAGE:
-            out[k.ATTR_USAGE_PREFIX + field.name] = value
+    if usage.request_messages > 1 or usage.response_messages > 1:
+        _resources(out, k.ATTR_USAGE_PREFIX, usage)  # type: ignore[arg-type]
+    else:
+        for field, value in usage.ListFields():
+            if field.name not in _STREAM_USAGE:
+                out[k.ATTR_USAGE_PREFIX + field.name] = value
     return out
 
 
@@ -128,72 +144,100 @@ def annotate(span: trace.Span, env: ExecutionEnvelope) -> None:
     if not span.is_recording():
         return
     out = attributes(env)
-    steps = env.lifecycle.transitions
-    start = env.lifecycle.start_time
+    lifecycle = env.lifecycle
+    start = lifecycle.start_time
     start_ns = start.seconds * 1_000_000_000 + start.nanos
     path: list[str] = []
     offsets: list[int] = []
-    for step in steps:
+    for step in lifecycle.transitions:
+        to = step.to
         stamp = step.time
         ns = stamp.seconds * 1_000_000_000 + stamp.nanos
-        path.append(STATE_NAMES[step.to])
+        path.append(STATE_NAMES[to])
         offsets.append((ns - start_ns) // 1000)
         # A span event costs ~5 µs: the plain steps are told by the path alone.
-        if step.reason or step.to not in _PLAIN_STEPS:
-            event = {"actor": step.actor, "reason": step.reason} if step.reason else {"actor": step.actor}
-            span.add_event(_EVENT_NAMES[step.to], event, timestamp=ns)
+        reason = step.reason
+        if reason or to not in _PLAIN_STEPS:
+            event = {"actor": step.actor, "reason": reason} if reason else {"actor": step.actor}
+            span.add_event(_EVENT_NAMES[to], event, timestamp=ns)
     out[k.ATTR_LIFECYCLE] = path
     out[k.ATTR_LIFECYCLE_OFFSETS] = offsets
     span.set_attributes(out)
-    if env.lifecycle.state == REJECTED:
+    if lifecycle.state == REJECTED:
         span.set_status(Status(StatusCode.ERROR, f"{env.outcome.reason_code}: {env.outcome.status_message}"))
 
 
 class Metrics:
     """Admissions by kind, outcome and tenant; requested and granted amounts
-    by resource dimension. Uses the global meter provider unless given one."""
+    by resource dimension. Uses the global meter provider unless given one.
 
-    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+    Counts are summed in process and read by the SDK at collection time
+    (observable counters): an SDK counter's ``add`` costs microseconds, and a
+    call would make several. Each instrument keeps at most ``max_series``
+    label sets; further ones are summed into one overflow series, as the
+    SDK's own cardinality limit does.
+    """
+
+    def __init__(
+        self, meter_provider: metrics.MeterProvider | None = None, *, max_series: int = 2000
+    ) -> None:
+        self._lock = threading.Lock()
+        self._max_series = max_series
+        self._sums: tuple[dict[tuple[str, str, str], int], ...] = ({}, {}, {})
         meter = metrics.get_meter("envelope_grpc", meter_provider=meter_provider)
-        self._admissions = meter.create_counter(
-            k.METRIC_ADMISSIONS, unit="{call}", description="Admission decisions by kind, outcome and tenant."
-        )
-        self._requested = meter.create_counter(
-            k.METRIC_REQUESTED, unit="1", description="Requested resource amounts by dimension."
-        )
-        self._granted = meter.create_counter(
-            k.METRIC_GRANTED, unit="1", description="Granted resource amounts by dimension."
-        )
+        for index, (name, unit, description, label) in enumerate(
+            (
+                (k.METRIC_ADMISSIONS, "{call}", "Admission decisions by kind, tenant, outcome.", "outcome"),
+                (k.METRIC_REQUESTED, "1", "Requested resource amounts by dimension.", "dimension"),
+                (k.METRIC_GRANTED, "1", "Granted resource amounts by dimension.", "dimension"),
+            )
+        ):
+            meter.create_observable_counter(
+                name, callbacks=[self._observer(index, label)], unit=unit, description=description
+            )
 
-        self._labels: dict[tuple[str, ...], dict[str, str]] = {}
+    def _observer(self, index: int, label: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        key = f"{k.NAMESPACE}.{label}"
 
-    def _label(self, *values: str) -> dict[str, str]:
-        # Label dicts are reused across calls; the cache is bounded by clearing.
-        found = self._labels.get(values)
-        if found is None:
-            if len(self._labels) > 4096:
-                self._labels.clear()
-            kind, tenant, key, value = values
-            found = self._labels[values] = {
-                "execution_envelope.kind": kind,
-                "execution_envelope.tenant": tenant,
-                key: value,
-            }
-        return found
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            with self._lock:
+                sums = list(self._sums[index].items())
+            for (kind, tenant, value), total in sums:
+                if kind == _OVERFLOW:
+                    yield Observation(total, {"otel.metric.overflow": True})
+                else:
+                    yield Observation(total, {_KIND: kind, _TENANT: tenant, key: value})
+
+        return observe
 
     def record(self, env: ExecutionEnvelope) -> None:
         """Count one admission decision and its resource amounts."""
         kind = KIND_NAMES[env.execution.kind]
         tenant = env.principal.tenant
-        outcome = OUTCOME_NAMES[env.decision.outcome]
-        self._admissions.add(1, self._label(kind, tenant, "execution_envelope.outcome", outcome))
-        for counter, resources in ((self._requested, env.requested), (self._granted, _granted(env))):
-            if resources is None:
-                continue
-            for field, value in resources.ListFields():
-                if field.name in QUANTITIES:
-                    counter.add(value, self._label(kind, tenant, "execution_envelope.dimension", field.name))
+        amounts = [
+            (1, (kind, tenant, field.name), value)
+            for field, value in env.requested.ListFields()
+            if field.name in QUANTITIES
+        ]
+        if env.grants:
+            amounts += [
+                (2, (kind, tenant, field.name), value)
+                for field, value in env.grants[-1].resources.ListFields()
+                if field.name in QUANTITIES
+            ]
+        with self._lock:
+            self._add(0, (kind, tenant, OUTCOME_NAMES[env.decision.outcome]), 1)
+            for index, key, value in amounts:
+                self._add(index, key, value)
+
+    def _add(self, index: int, key: tuple[str, str, str], value: int) -> None:
+        sums = self._sums[index]
+        if key not in sums and len(sums) >= self._max_series:
+            key = _OVERFLOW_KEY
+        sums[key] = sums.get(key, 0) + value
 
 
-def _granted(env: ExecutionEnvelope) -> Resources | None:
-    return env.grants[-1].resources if env.grants else None
+_KIND: Final = f"{k.NAMESPACE}.kind"
+_TENANT: Final = f"{k.NAMESPACE}.tenant"
+_OVERFLOW: Final = "\0overflow"  # no kind is named so
+_OVERFLOW_KEY: Final = (_OVERFLOW, "", "")

@@ -23,8 +23,9 @@ from envelope_grpc import (
     from_json,
     new_envelope,
 )
+from envelope_grpc._telemetry import Metrics
 from envelope_grpc.testing.v1 import testing_pb2 as pb
-from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope, ResourceDimension
+from envelope_grpc.v1.envelope_pb2 import DecisionOutcome, ExecutionEnvelope, ExecutionKind, ResourceDimension
 from tests.conftest import Backend
 
 
@@ -122,6 +123,50 @@ def test_admission_metrics(backend: Any) -> None:
     assert value("execution_envelope.admissions", outcome="admitted") == 1
     assert value("execution_envelope.resources.requested", dimension="tokens") == 550
     assert value("execution_envelope.resources.granted", dimension="tokens") == 150
+    provider.shutdown()
+
+
+def _points(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    return {
+        tuple(sorted(point.attributes.items())): point.value
+        for resource_metrics in data.resource_metrics
+        for scope in resource_metrics.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+    }
+
+
+def test_admission_metrics_sum_in_process_and_overflow_past_the_series_limit() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    counts = Metrics(provider, max_series=2)
+    for tenant in ("acme", "acme", "globex", "initech", "umbrella"):
+        env = new_envelope("/a.B/C")
+        env.execution.kind = ExecutionKind.EXECUTION_KIND_INFERENCE
+        env.principal.tenant = tenant
+        env.decision.outcome = DecisionOutcome.DECISION_OUTCOME_ADMITTED
+        env.requested.tokens = 10
+        counts.record(env)
+
+    def labels(tenant: str, **extra: str) -> tuple[tuple[str, Any], ...]:
+        found = {"kind": "inference", "tenant": tenant, **extra}
+        return tuple(sorted((f"execution_envelope.{key}", value) for key, value in found.items()))
+
+    overflow = (("otel.metric.overflow", True),)
+    assert _points(reader, "execution_envelope.admissions") == {
+        labels("acme", outcome="admitted"): 2,
+        labels("globex", outcome="admitted"): 1,
+        overflow: 2,
+    }
+    assert _points(reader, "execution_envelope.resources.requested") == {
+        labels("acme", dimension="tokens"): 20,
+        labels("globex", dimension="tokens"): 10,
+        overflow: 20,
+    }
+    assert _points(reader, "execution_envelope.resources.granted") == {}
     provider.shutdown()
 
 
