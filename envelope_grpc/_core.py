@@ -210,30 +210,32 @@ class Core:
         if remaining is not None and remaining < _NO_DEADLINE:
             model.stamp(env.execution.deadline, now + int(remaining * 1e9))
         call = Call(env, span, now)
-        wants_auth = bool(self.config.resolvers) or self.config.trust_peer is not None
-        peer = Peer(context.peer() or "", (context.auth_context() or {}) if wants_auth else {})
-        self._identify(call, plan.method, metadata, peer)
-        inbound = metadata.get(k.ENVELOPE_METADATA)
-        if inbound is not None:
-            self._lineage(env, inbound, peer)
-        return call
-
-    def _identify(self, call: Call, method: str, metadata: dict[str, str | bytes], peer: Peer) -> None:
-        principal = call.env.principal
-        principal.source_address = peer.address[:256]
+        address = context.peer() or ""
+        principal = env.principal
+        principal.source_address = address[:256]
         agent = metadata.get("user-agent")
         if isinstance(agent, str):
             principal.user_agent = agent[:512]
-        if self.config.resolvers:
-            info = CallInfo(method, metadata, peer)
-            call.denial = self._resolve(principal, info)
-            for flag in info.flags:
-                if flag not in call.env.flags:
-                    call.env.flags.append(flag)
+        inbound = metadata.get(k.ENVELOPE_METADATA)
+        if self.config.resolvers or inbound is not None:
+            wants_auth = bool(self.config.resolvers) or self.config.trust_peer is not None
+            peer = Peer(address, (context.auth_context() or {}) if wants_auth else {})
+            if self.config.resolvers:
+                self._identify(call, plan.method, metadata, peer)
+            if inbound is not None:
+                self._lineage(env, inbound, peer)
         if not principal.kind:
             principal.kind = PRINCIPAL_ANONYMOUS
         if not principal.auth_method:
             principal.auth_method = AUTH_NONE
+        return call
+
+    def _identify(self, call: Call, method: str, metadata: dict[str, str | bytes], peer: Peer) -> None:
+        info = CallInfo(method, metadata, peer)
+        call.denial = self._resolve(call.env.principal, info)
+        for flag in info.flags:
+            if flag not in call.env.flags:
+                call.env.flags.append(flag)
 
     def _resolve(self, principal: Principal, info: CallInfo) -> tuple[str, Deny] | None:
         """Ask the resolvers in order; the first principal wins. A refusal or
@@ -290,11 +292,12 @@ class Core:
             return False
 
     def _normalize(
-        self, env: ExecutionEnvelope, plan: MethodPlan, request: Message | None
+        self, env: ExecutionEnvelope, plan: MethodPlan, request: Message | None, size: int
     ) -> tuple[str, Deny] | None:
-        """Map the request into the envelope. A request that cannot be mapped
-        (a value out of range, a failing extractor) is refused: admitting it
-        on transport facts alone would let it pass every limit unseen."""
+        """Map the request (``size`` bytes long) into the envelope. A request
+        that cannot be mapped (a value out of range, a failing extractor) is
+        refused: admitting it on transport facts alone would let it pass
+        every limit unseen."""
         execution = env.execution
         execution.kind = plan.kind
         found: Extraction | None = None
@@ -327,16 +330,16 @@ class Core:
             return "extractor", Deny(
                 grpc.StatusCode.INVALID_ARGUMENT, "EXTRACTION_FAILED", message, BASIS_INVALID
             )
-        if found is not None:
+        if found is not None and (found.tenant or found.project):
             _declared(env, found)
-        if request is not None and 0 < request.ByteSize() <= self.config.digest_max_bytes:
+        if request is not None and 0 < size <= self.config.digest_max_bytes:
             execution.request_digest = "sha256:" + hashlib.sha256(request.SerializeToString()).hexdigest()
         model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
         return None
 
     def _admit(self, call: Call, plan: MethodPlan, request: Message | None) -> AbortStatus | None:
         env = call.env
-        unmapped = self._normalize(env, plan, request)
+        unmapped = self._normalize(env, plan, request, call.request_bytes)
         call.denial = call.denial or unmapped
         if call.denial is None and env.HasField("requested"):
             call.denial = _negative(env)

@@ -31,6 +31,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     DecisionOutcome,
     ExecutionEnvelope,
     GrantStage,
+    Lifecycle,
     LifecycleState,
     ResourceDimension,
     Resources,
@@ -150,8 +151,9 @@ def new_envelope(
     )
     env.execution.method = method
     now = time.time_ns() if now_ns is None else now_ns
-    stamp(env.lifecycle.start_time, now)
-    transition(env, RECEIVED, actor=actor, now_ns=now)
+    lifecycle = env.lifecycle
+    stamp(lifecycle.start_time, now)
+    _step(lifecycle, S.LIFECYCLE_STATE_UNSPECIFIED, RECEIVED, actor, "", now)
     return env
 
 
@@ -172,10 +174,11 @@ def transition(
     current = lifecycle.state
     if to not in LEGAL_TRANSITIONS[current]:
         raise LifecycleError(current, to)
-    now = time.time_ns() if now_ns is None else now_ns
-    step = lifecycle.transitions.add()
-    step.to = to
-    step.actor = actor
+    _step(lifecycle, current, to, actor, reason, time.time_ns() if now_ns is None else now_ns)
+
+
+def _step(lifecycle: Lifecycle, current: _State, to: _State, actor: str, reason: str, now: int) -> None:
+    step = lifecycle.transitions.add(to=to, actor=actor)
     stamp(step.time, now)
     if current:
         step.__setattr__("from", current)
