@@ -43,10 +43,9 @@ ATTR_REASON: Final = f"{NAMESPACE}.decision.reason_code"
 ATTR_MODE: Final = f"{NAMESPACE}.decision.mode"
 ATTR_FAIL_OPEN: Final = f"{NAMESPACE}.decision.fail_open"
 ATTR_STATE: Final = f"{NAMESPACE}.state"
-#: Every state the envelope went through, in order.
-ATTR_LIFECYCLE: Final = f"{NAMESPACE}.lifecycle.states"
-#: Microseconds from receipt to each state of ATTR_LIFECYCLE.
-ATTR_LIFECYCLE_OFFSETS: Final = f"{NAMESPACE}.lifecycle.offsets_us"
+#: Every state the envelope went through, in order, each with the
+#: microseconds from receipt: "received:0 normalized:41 admitted:63 completed:118".
+ATTR_LIFECYCLE: Final = f"{NAMESPACE}.lifecycle"
 ATTR_FLAGS: Final = f"{NAMESPACE}.flags"
 ATTR_REQUESTED_PREFIX: Final = f"{NAMESPACE}.requested."
 ATTR_GRANTED_PREFIX: Final = f"{NAMESPACE}.granted."
