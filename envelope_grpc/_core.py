@@ -136,6 +136,14 @@ def _first_values(pairs: _Pairs | None) -> dict[str, str | bytes]:
     return found
 
 
+def _repeated(pairs: _Pairs | None) -> frozenset[str]:
+    seen: set[str] = set()
+    again: set[str] = set()
+    for key, _ in pairs or ():
+        (again if key in seen else seen).add(key)
+    return frozenset(again)
+
+
 def _request_id(value: str | bytes | None) -> str:
     if (
         isinstance(value, str)
@@ -194,7 +202,8 @@ class Core:
 
     def _receive(self, plan: MethodPlan, context: Any) -> Call:
         now = time.time_ns()
-        metadata = _first_values(context.invocation_metadata())
+        pairs = context.invocation_metadata()
+        metadata = _first_values(pairs)
         env = model.new_envelope(
             plan.method,
             request_id=_request_id(metadata.get(k.REQUEST_ID_METADATA)),
@@ -221,7 +230,7 @@ class Core:
             wants_auth = bool(self.config.resolvers) or self.config.trust_peer is not None
             peer = Peer(address, (context.auth_context() or {}) if wants_auth else {})
             if self.config.resolvers:
-                self._identify(call, plan.method, metadata, peer)
+                self._identify(call, CallInfo(plan.method, metadata, peer, repeated=_repeated(pairs)))
             if inbound is not None:
                 self._lineage(env, inbound, peer)
         if not principal.kind:
@@ -230,8 +239,7 @@ class Core:
             principal.auth_method = AUTH_NONE
         return call
 
-    def _identify(self, call: Call, method: str, metadata: dict[str, str | bytes], peer: Peer) -> None:
-        info = CallInfo(method, metadata, peer)
+    def _identify(self, call: Call, info: CallInfo) -> None:
         call.denial = self._resolve(call.env.principal, info)
         for flag in info.flags:
             if flag not in call.env.flags:

@@ -30,6 +30,10 @@ class CallInfo:
     peer: Peer
     #: Flags a resolver raises for the envelope (e.g. untrusted gateway headers).
     flags: list[EnvelopeFlag.ValueType] = dataclasses.field(default_factory=list)
+    #: Metadata keys sent more than once. ``metadata`` holds the first value
+    #: only, so a resolver must refuse an identity header found here: a
+    #: gateway that appends instead of replacing would leave the caller's copy first.
+    repeated: frozenset[str] = frozenset()
 
 
 class Unauthenticated(Exception):

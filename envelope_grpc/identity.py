@@ -307,10 +307,11 @@ class JwtResolver:
     issuer becomes ``principal.issuer``.
 
     Without a bearer token the resolver passes (returns None) unless
-    ``required``, then it refuses with CREDENTIAL_MISSING. A token that fails
-    verification is refused with _TOKEN_MALFORMED, _TOKEN_INVALID_SIGNATURE,
-    TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, TOKEN_WRONG_AUDIENCE or
-    TOKEN_WRONG_ISSUER.
+    ``required``, then it refuses with CREDENTIAL_MISSING; more than one
+    ``authorization`` header is refused with CREDENTIAL_AMBIGUOUS. A token
+    that fails verification is refused with TOKEN_MALFORMED,
+    TOKEN_INVALID_SIGNATURE, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID,
+    TOKEN_WRONG_AUDIENCE or TOKEN_WRONG_ISSUER.
     """
 
     def __init__(
@@ -355,6 +356,8 @@ class JwtResolver:
 
     def __call__(self, call: CallInfo, /) -> Principal | None:
         """The token's principal; None without a bearer token (unless required)."""
+        if "authorization" in call.repeated:
+            raise Unauthenticated("CREDENTIAL_AMBIGUOUS", "more than one authorization header was sent")
         token = self._token(call.metadata.get("authorization"))
         if token is None:
             if self.required:
@@ -628,8 +631,10 @@ class GatewayResolver:
     name set to None is not read. ``issuer`` names the gateway in
     ``principal.issuer``.
 
-    A trusted gateway's headers that name no subject, or values that do not
-    fit the contract, are refused with GATEWAY_HEADERS_INVALID.
+    A trusted gateway's headers that name no subject, values that do not fit
+    the contract, or a header sent more than once (a gateway that appends
+    instead of replacing would leave the caller's own copy first) are refused
+    with GATEWAY_HEADERS_INVALID.
     """
 
     def __init__(
@@ -675,6 +680,9 @@ class GatewayResolver:
         if self._trust_peer is None or not self._trust_peer(call.peer):
             call.flags.append(FLAG_GATEWAY_HEADERS_UNTRUSTED)
             return None
+        for header in self._headers:
+            if header in call.repeated:  # appended, not replaced: one copy may be the caller's
+                raise Unauthenticated("GATEWAY_HEADERS_INVALID", f"the gateway's {header} header is repeated")
         try:
             return self._principal(metadata)
         except _Invalid as invalid:

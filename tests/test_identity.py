@@ -391,6 +391,29 @@ def test_resolver_chain_takes_the_first_that_answers(backend: Start) -> None:
     assert envelopes[3].decision.reason_code == "TOKEN_INVALID_SIGNATURE"
 
 
+def test_repeated_identity_headers_are_refused_not_resolved_first_wins(backend: Start) -> None:
+    # A gateway that appends its identity headers leaves the caller's own copy first.
+    gateway = GatewayResolver(trust_peer=trust_networks("127.0.0.1"))
+    server = backend(EnvelopeConfig(resolvers=[hs_resolver(), gateway]))
+    appended = (("x-gateway-subject", "user:mallory"), *GATEWAY_HEADERS)
+    twice = bearer(hs256(sub="user:mallory")) + bearer(hs256())
+    refusals = []
+    for metadata in (appended, twice):
+        with pytest.raises(grpc.RpcError) as caught:
+            server.stub.Run(REQUEST, metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        refusals.append((error_info(caught.value).reason, caught.value.details()))
+    assert refusals == [
+        ("GATEWAY_HEADERS_INVALID", "the gateway's x-gateway-subject header is repeated"),
+        ("CREDENTIAL_AMBIGUOUS", "more than one authorization header was sent"),
+    ]
+    envelopes = server.envelopes(2)
+    assert [(env.principal.subject, env.decision.reason_code) for env in envelopes] == [
+        ("", "GATEWAY_HEADERS_INVALID"),
+        ("", "CREDENTIAL_AMBIGUOUS"),
+    ]
+
+
 # -- mTLS over real TLS --------------------------------------------------------------------------
 
 CA_NAME = "envelope test CA"
