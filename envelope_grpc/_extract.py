@@ -99,6 +99,10 @@ class ExtractorRegistry:
         self._functions: dict[str, tuple[Extractor, ExecutionKind.ValueType]] = {}
         self._plans: dict[str, MethodPlan] = {}
         self._lock = threading.Lock()
+        # Rules and functions are replaced, never changed in place, so that a
+        # plan computed meanwhile reads a consistent set; the version tells it
+        # whether it is still current when it is stored.
+        self._version = 0
 
     def register(
         self,
@@ -111,23 +115,29 @@ class ExtractorRegistry:
         if not method.startswith("/") or method.count("/") != 2:
             raise ValueError(f"not a full method name: {method!r} (expected '/package.Service/Method')")
         with self._lock:
-            self._functions[method] = (extractor, kind)
-            self._plans.pop(method, None)
+            self._functions = {**self._functions, method: (extractor, kind)}
+            self._changed()
 
     def set_rule(self, pattern: str, action: Action) -> None:
         """What to do with calls of methods matching ``pattern`` (a full method
         name or an fnmatch pattern); replaces an earlier rule for it."""
         with self._lock:
-            self._rules[pattern] = action
-            self._plans.clear()
+            self._rules = {**self._rules, pattern: action}
+            self._changed()
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._plans = {}
 
     def plan(self, method: str) -> MethodPlan:
         """The plan for ``method``, computed on first sight and cached."""
         found = self._plans.get(method)
         if found is None:
+            version = self._version
             found = self._compute(method)
             with self._lock:
-                self._plans[method] = found
+                if self._version == version:  # else a rule changed meanwhile: compute again next time
+                    self._plans[method] = found
         return found
 
     def _rule(self, method: str) -> Action | None:

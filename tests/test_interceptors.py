@@ -315,7 +315,12 @@ def test_bidi_stream_counts_both_directions(backend: Start) -> None:
     (env,) = server.envelopes(1)
     assert [r.data for r in replies] == [r.chunk.data for r in requests]
     assert env.execution.target.name == "s"
-    assert (env.outcome.usage.request_messages, env.outcome.usage.response_messages) == (5, 5)
+    usage = env.outcome.usage
+    assert (usage.request_messages, usage.response_messages) == (5, 5)
+    assert (usage.request_bytes, usage.response_bytes) == (
+        sum(r.ByteSize() for r in requests),
+        sum(r.ByteSize() for r in replies),
+    )
 
 
 def test_unmapped_method_records_transport_facts(backend: Start) -> None:
@@ -346,6 +351,41 @@ def test_skipped_method_builds_no_envelope(backend: Start) -> None:
     time.sleep(0.05)
     assert [env.execution.method for env in server.collector.envelopes] == [f"{SERVICE}/Run"]
     assert len(envelopes) == 1
+
+
+def test_a_rule_set_on_a_serving_registry_applies_to_the_next_call(backend: Start) -> None:
+    registry = ExtractorRegistry()
+    server = backend(EnvelopeConfig(extractors=registry))
+    server.stub.Ping(pb.PingRequest(text="before"))
+    registry.set_rule(f"{SERVICE}/Ping", Action.DENY)
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Ping(pb.PingRequest(text="after"))
+    assert (caught.value.code(), error_info(caught.value).reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "METHOD_NOT_MAPPED",
+    )
+    registry.set_rule(f"{SERVICE}/Ping", Action.SKIP)
+    server.stub.Ping(pb.PingRequest(text="skipped"))
+    server.stub.Run(RUN)
+    envelopes = server.envelopes(3)
+    assert [env.decision.reason_code for env in envelopes] == ["", "METHOD_NOT_MAPPED", ""]
+    methods = [f"{SERVICE}/Ping", f"{SERVICE}/Ping", f"{SERVICE}/Run"]  # the skipped Ping made none
+    assert [env.execution.method for env in envelopes] == methods
+
+
+def test_a_plan_computed_while_a_rule_changes_is_not_kept() -> None:
+    registry = ExtractorRegistry()
+    compute = registry._compute
+
+    def racing(method: str) -> Any:
+        plan = compute(method)
+        registry.set_rule(method, Action.DENY)  # lands while the plan is being computed
+        return plan
+
+    registry._compute = racing  # type: ignore[method-assign]
+    assert registry.plan(f"{SERVICE}/Ping").action is Action.RECORD
+    registry._compute = compute  # type: ignore[method-assign]
+    assert registry.plan(f"{SERVICE}/Ping").action is Action.DENY
 
 
 def test_function_extractor_maps_a_foreign_proto(backend: Start) -> None:
