@@ -39,6 +39,24 @@ async def _counted(call: Call, first: Any, rest: AsyncIterator[Any]) -> AsyncIte
         yield message
 
 
+class _CountingContext:
+    """The servicer context as a handler that writes its responses with
+    ``context.write()`` sees it: each written message is counted."""
+
+    __slots__ = ("_call", "_context")
+
+    def __init__(self, context: Any, call: Call) -> None:
+        self._context = context
+        self._call = call
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._call.count_response(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: AbortStatus) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -122,8 +140,8 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
                 async for response in behavior(argument, context):
                     call.count_response(response)
                     yield response
-            elif awaits:  # a handler that writes with context.write() (not counted)
-                await behavior(argument, context)
+            elif awaits:  # a handler that writes with context.write()
+                await behavior(argument, _CountingContext(context, call))
             else:  # a plain generator
                 for response in behavior(argument, context):
                     call.count_response(response)

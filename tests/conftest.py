@@ -187,9 +187,10 @@ class AsyncServicer(pb_grpc.ExecutionTestServiceServicer):
         assert env is not None
         return pb.UploadResponse(chunks=chunks, bytes=size, envelope_id=env.envelope_id)
 
-    async def Exchange(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[override]
+    async def Exchange(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+        # Responses written with context.write(), the other aio streaming style.
         async for request in request_iterator:
-            yield pb.ExchangeResponse(data=request.chunk.data)
+            await context.write(pb.ExchangeResponse(data=request.chunk.data))
 
     async def Ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext) -> pb.PingResponse:  # type: ignore[override]
         return pb.PingResponse(text=request.text)
