@@ -39,15 +39,32 @@ async def _counted(call: Call, first: Any, rest: AsyncIterator[Any]) -> AsyncIte
         yield message
 
 
-class _CountingContext:
-    """The servicer context as a handler that writes its responses with
-    ``context.write()`` sees it: each written message is counted."""
+_UNREAD: Any = object()
 
-    __slots__ = ("_call", "_context")
 
-    def __init__(self, context: Any, call: Call) -> None:
+class _StreamingContext:
+    """The servicer context as a streaming handler sees it, for the other
+    grpc.aio style, ``context.read()`` and ``context.write()``: the request
+    message admission peeked at is read first, and every message read or
+    written is counted. Everything else is the context itself."""
+
+    __slots__ = ("_call", "_context", "_first")
+
+    def __init__(self, context: Any, call: Call, first: Any) -> None:
         self._context = context
         self._call = call
+        self._first = first  # the peeked first request, EOF, or _UNREAD
+
+    async def read(self) -> Any:
+        first = self._first
+        if first is not _UNREAD:
+            if first is not grpc.aio.EOF:
+                self._first = _UNREAD
+            return first
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            self._call.count_request(message)
+        return message
 
     async def write(self, message: Any) -> None:
         await self._context.write(message)
@@ -82,6 +99,7 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
     yields = inspect.isasyncgenfunction(behavior)
     # grpc.aio also serves plain functions (with a migration thread pool).
     awaits = inspect.iscoroutinefunction(behavior)
+    writes = handler.response_streaming and awaits  # responses come through context.write()
 
     async def admit(context: Any, request: Any) -> tuple[Call, AbortStatus | None]:
         if not core.blocking:
@@ -104,27 +122,30 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
         else:
             core.end(call, context, error)
 
-    async def begin(request_or_iterator: Any, context: Any) -> tuple[Call, Any]:
+    async def begin(request_or_iterator: Any, context: Any) -> tuple[Call, Any, Any]:
+        """Admit the call; returns it, the handler's argument and context."""
         if request_streaming:
             iterator = aiter(request_or_iterator)
             first = await anext(iterator, None)
             call, status = await admit(context, first)
             argument: Any = _counted(call, first, iterator)
+            seen = _StreamingContext(context, call, grpc.aio.EOF if first is None else first)
         else:
             call, status = await admit(context, request_or_iterator)
             argument = request_or_iterator
+            seen = _StreamingContext(context, call, _UNREAD) if writes else context
         if status is not None:
             await _abort(context, status)
-        return call, argument
+        return call, argument, seen
 
     async def unary_response(request_or_iterator: Any, context: Any) -> Any:
-        call, argument = await begin(request_or_iterator, context)
+        call, argument, seen = await begin(request_or_iterator, context)
         CURRENT.set(call.env)  # each call runs in its own task, with its own context
         try:
             if awaits:
-                response = await behavior(argument, context)
+                response = await behavior(argument, seen)
             else:
-                response = await asyncio.to_thread(behavior, argument, context)
+                response = await asyncio.to_thread(behavior, argument, seen)
             call.count_response(response)
         except BaseException as error:
             await end(call, context, error)
@@ -133,17 +154,17 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
         return response
 
     async def stream_response(request_or_iterator: Any, context: Any) -> AsyncIterator[Any]:
-        call, argument = await begin(request_or_iterator, context)
+        call, argument, seen = await begin(request_or_iterator, context)
         CURRENT.set(call.env)
         try:
             if yields:
-                async for response in behavior(argument, context):
+                async for response in behavior(argument, seen):
                     call.count_response(response)
                     yield response
             elif awaits:  # a handler that writes with context.write()
-                await behavior(argument, _CountingContext(context, call))
+                await behavior(argument, seen)
             else:  # a plain generator
-                for response in behavior(argument, context):
+                for response in behavior(argument, seen):
                     call.count_response(response)
                     yield response
         except BaseException as error:

@@ -179,8 +179,9 @@ class AsyncServicer(pb_grpc.ExecutionTestServiceServicer):
             yield pb.WatchResponse(run=pb.RunResponse(envelope_id=env.envelope_id, index=index))
 
     async def Upload(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.UploadResponse:  # type: ignore[override]
+        # Requests read with context.read(), the other aio streaming style.
         chunks = size = 0
-        async for chunk in request_iterator:
+        while (chunk := await context.read()) is not grpc.aio.EOF:
             chunks += 1
             size += len(chunk.data)
         env = envelope_grpc.current_envelope()

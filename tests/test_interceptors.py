@@ -306,6 +306,17 @@ def test_client_streaming_is_admitted_on_first_message_and_handler_gets_all(back
     assert validate(env) == []
 
 
+def test_an_empty_request_stream_is_admitted_on_metadata_alone(backend: Start) -> None:
+    server = backend()
+    reply = server.stub.Upload(iter([]))
+    (env,) = server.envelopes(1)
+    assert (reply.chunks, reply.bytes, reply.envelope_id) == (0, 0, env.envelope_id)
+    assert env.execution.kind == ExecutionKind.EXECUTION_KIND_DATA_MOVEMENT
+    assert not env.HasField("requested")
+    assert (env.outcome.usage.request_messages, env.outcome.usage.response_messages) == (0, 1)
+    assert states(env) == ["RECEIVED", "NORMALIZED", "ADMITTED", "COMPLETED"]
+
+
 def test_bidi_stream_counts_both_directions(backend: Start) -> None:
     server = backend()
     requests = [
