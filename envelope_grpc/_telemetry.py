@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Final
 
+from google.protobuf.message import Message
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Status, StatusCode
@@ -50,8 +51,8 @@ MODE_NAMES: Final = _names(EnforcementMode, "ENFORCEMENT_MODE_")
 FLAG_NAMES: Final = _names(EnvelopeFlag, "ENVELOPE_FLAG_")
 
 
-def _resources(out: dict[str, AttributeValue], prefix: str, resources: Resources) -> None:
-    for field, value in resources.ListFields():
+def _fields(out: dict[str, AttributeValue], prefix: str, message: Message) -> None:
+    for field, value in message.ListFields():
         out[prefix + field.name] = value
 
 
@@ -108,13 +109,13 @@ def attributes(env: ExecutionEnvelope) -> dict[str, AttributeValue]:
         out[k.ATTR_FAIL_OPEN] = True
     if env.flags:
         out[k.ATTR_FLAGS] = [FLAG_NAMES[flag] for flag in env.flags]
-    _resources(out, k.ATTR_REQUESTED_PREFIX, env.requested)
+    _fields(out, k.ATTR_REQUESTED_PREFIX, env.requested)
     grants = env.grants
     if grants and grants[-1].outcome != OUTCOME_ADMITTED:  # as asked: requested says it all
-        _resources(out, k.ATTR_GRANTED_PREFIX, grants[-1].resources)
+        _fields(out, k.ATTR_GRANTED_PREFIX, grants[-1].resources)
     usage = env.outcome.usage
     if usage.request_messages > 1 or usage.response_messages > 1:
-        _resources(out, k.ATTR_USAGE_PREFIX, usage)  # type: ignore[arg-type]
+        _fields(out, k.ATTR_USAGE_PREFIX, usage)
     else:
         for field, value in usage.ListFields():
             if field.name not in _STREAM_USAGE:
