@@ -74,6 +74,9 @@ class _StreamingContext:
         return getattr(self._context, name)
 
 
+grpc.aio.ServicerContext.register(_StreamingContext)  # handlers may check what they were given
+
+
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: AbortStatus) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 

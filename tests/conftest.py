@@ -180,6 +180,7 @@ class AsyncServicer(pb_grpc.ExecutionTestServiceServicer):
 
     async def Upload(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.UploadResponse:  # type: ignore[override]
         # Requests read with context.read(), the other aio streaming style.
+        assert isinstance(context, grpc.aio.ServicerContext)
         chunks = size = 0
         while (chunk := await context.read()) is not grpc.aio.EOF:
             chunks += 1
