@@ -149,7 +149,8 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """An error as one line: its message's first line, or its type."""
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0].strip()
 
@@ -160,12 +161,15 @@ _GUARD: Final = (
 )
 
 
-def _upsert(placeholders: str, source: str = "") -> str:
-    columns = ", ".join((*COLUMNS, "seq"))
+_COLUMN_LIST: Final = ", ".join(COLUMNS)
+
+
+def _upsert(source: str) -> str:
+    """Insert the rows of ``source`` (VALUES or a SELECT of COLUMNS and seq),
+    updating an envelope's row only when the new one is further along."""
     updates = ", ".join(f"{name} = excluded.{name}" for name in _UPDATED)
-    values = source or f"VALUES ({placeholders})"
     return (
-        f"INSERT INTO envelopes ({columns}) {values}"
+        f"INSERT INTO envelopes ({_COLUMN_LIST}, seq) {source}"
         f" ON CONFLICT (envelope_id) DO UPDATE SET {updates} WHERE {_GUARD}"
     )
 
@@ -179,6 +183,8 @@ class Store(abc.ABC):
 
     #: The URL the store was opened with (password redacted).
     url: str
+    #: CREATE TABLE envelopes, in the dialect's column types.
+    _TABLE: str
 
     @abc.abstractmethod
     def connect(self, *, create: bool) -> Any:
@@ -201,6 +207,23 @@ class Store(abc.ABC):
         """``text`` with the dialect's placeholders."""
         return text
 
+    def _create_objects(self, conn: Any) -> None:
+        """The table, its indexes and the counters, when missing (inside the
+        caller's transaction)."""
+        conn.execute(self._TABLE)
+        for column in INDEXED:
+            conn.execute(f"CREATE INDEX IF NOT EXISTS envelopes_{column} ON envelopes ({column})")
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {_META} (name text PRIMARY KEY, value bigint)")
+        seed = f"INSERT INTO {_META} VALUES ('schema_version', ?), ('dropped', 0)"
+        conn.execute(self.sql(f"{seed} ON CONFLICT (name) DO NOTHING"), (_SCHEMA_VERSION,))
+
+    def _add_dropped(self, cursor: Any, dropped: int) -> None:
+        cursor.execute(self.sql(f"UPDATE {_META} SET value = value + ? WHERE name = 'dropped'"), (dropped,))
+
+    def fetch(self, conn: Any, query: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Every row of ``query``."""
+        return list(conn.execute(self.sql(query), tuple(params)).fetchall())
+
     def check_schema(self, conn: Any) -> None:
         """LedgerError unless the database holds an envelope ledger."""
         try:
@@ -208,7 +231,7 @@ class Store(abc.ABC):
             conn.execute("SELECT envelope_id FROM envelopes LIMIT 1").fetchone()
         except Exception as error:
             self.rollback(conn)
-            raise LedgerError(f"{self.url} holds no envelope ledger ({_first_line(error)})") from None
+            raise LedgerError(f"{self.url} holds no envelope ledger ({first_line(error)})") from None
 
     def stream(self, conn: Any, query: str, params: Sequence[Any] = ()) -> Iterator[Any]:
         """The rows of ``query``, a few hundred at a time."""
@@ -223,7 +246,7 @@ class Store(abc.ABC):
 
     def describe_error(self, what: str, error: BaseException) -> LedgerError:
         """A one-line LedgerError for a failed ``what``."""
-        return LedgerError(f"cannot {what} {self.url}: {_first_line(error)}")
+        return LedgerError(f"cannot {what} {self.url}: {first_line(error)}")
 
 
 def open_store(url: str) -> Store:
@@ -249,6 +272,16 @@ class SqliteStore(Store):
     ``?synchronous=full`` in the URL makes every commit survive power loss,
     not only the death of the process (the default, NORMAL, is the latter).
     """
+
+    _TABLE = (
+        "CREATE TABLE IF NOT EXISTS envelopes ("
+        " envelope_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL, end_ns INTEGER,"
+        " tenant TEXT NOT NULL, principal TEXT NOT NULL, kind TEXT NOT NULL,"
+        " decision TEXT NOT NULL, state TEXT NOT NULL, method TEXT NOT NULL,"
+        " trace_id TEXT NOT NULL, parent_id TEXT, root_id TEXT,"
+        " steps INTEGER NOT NULL, terminal INTEGER NOT NULL, seq INTEGER NOT NULL,"
+        " envelope BLOB NOT NULL)"
+    )
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -288,22 +321,7 @@ class SqliteStore(Store):
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS envelopes ("
-                    " envelope_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL, end_ns INTEGER,"
-                    " tenant TEXT NOT NULL, principal TEXT NOT NULL, kind TEXT NOT NULL,"
-                    " decision TEXT NOT NULL, state TEXT NOT NULL, method TEXT NOT NULL,"
-                    " trace_id TEXT NOT NULL, parent_id TEXT, root_id TEXT,"
-                    " steps INTEGER NOT NULL, terminal INTEGER NOT NULL, seq INTEGER NOT NULL,"
-                    " envelope BLOB NOT NULL)"
-                )
-                for column in INDEXED:
-                    conn.execute(f"CREATE INDEX IF NOT EXISTS envelopes_{column} ON envelopes ({column})")
-                conn.execute(f"CREATE TABLE IF NOT EXISTS {_META} (name TEXT PRIMARY KEY, value INTEGER)")
-                conn.execute(
-                    f"INSERT OR IGNORE INTO {_META} VALUES ('schema_version', ?), ('dropped', 0)",
-                    (_SCHEMA_VERSION,),
-                )
+                self._create_objects(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 self.rollback(conn)
@@ -323,7 +341,7 @@ class SqliteStore(Store):
                 "(" + ", ".join(f"?{k * width + j + 1}" for j in range(width)) + f", ?{base} + {k + 1})"
                 for k in range(count)
             )
-            found = self._statements[count] = _upsert("", source="VALUES " + ", ".join(rows))
+            found = self._statements[count] = _upsert("VALUES " + ", ".join(rows))
         return found
 
     def write_batch(self, conn: Any, rows: Sequence[Row], dropped: int = 0) -> None:
@@ -341,7 +359,7 @@ class SqliteStore(Store):
                 conn.execute(self._statement(count), params)
                 done += count
             if dropped:
-                conn.execute(f"UPDATE {_META} SET value = value + ? WHERE name = 'dropped'", (dropped,))
+                self._add_dropped(conn, dropped)
             conn.execute("COMMIT")
         except BaseException:
             self.rollback(conn)
@@ -349,11 +367,6 @@ class SqliteStore(Store):
 
     def prepare_writer(self, conn: Any) -> None:
         conn.execute("PRAGMA cache_size = -32768")  # 32 MiB: the indexes of recent rows stay hot
-
-    def rollback(self, conn: Any) -> None:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------
@@ -370,13 +383,20 @@ class PostgresStore(Store):
     there with one INSERT ... ON CONFLICT.
     """
 
+    _TABLE = (
+        "CREATE TABLE IF NOT EXISTS envelopes ("
+        " envelope_id text PRIMARY KEY, start_ns bigint NOT NULL, end_ns bigint,"
+        " tenant text NOT NULL, principal text NOT NULL, kind text NOT NULL,"
+        " decision text NOT NULL, state text NOT NULL, method text NOT NULL,"
+        " trace_id text NOT NULL, parent_id text, root_id text,"
+        " steps integer NOT NULL, terminal smallint NOT NULL, seq bigint NOT NULL,"
+        " envelope bytea NOT NULL)"
+    )
+    _UPSERT: Final = _upsert(f"SELECT {_COLUMN_LIST}, nextval('envelopes_seq') FROM envelope_staging")
+
     def __init__(self, url: str) -> None:
         self.url = redact(url)
         self._conninfo = url
-        self._upsert = _upsert(
-            "",
-            source=f"SELECT {', '.join(COLUMNS)}, nextval('envelopes_seq') FROM envelope_staging",
-        )
 
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
@@ -392,7 +412,7 @@ class PostgresStore(Store):
         except psycopg.Error as error:
             raise self.describe_error("connect to", error) from None
         except Exception as error:  # a malformed URL
-            raise LedgerError(f"bad PostgreSQL ledger URL {self.url!r}: {_first_line(error)}") from None
+            raise LedgerError(f"bad PostgreSQL ledger URL {self.url!r}: {first_line(error)}") from None
 
     def ensure_schema(self, conn: Any) -> None:
         import psycopg
@@ -401,23 +421,7 @@ class PostgresStore(Store):
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))  # two first users may race
                 conn.execute("CREATE SEQUENCE IF NOT EXISTS envelopes_seq")
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS envelopes ("
-                    " envelope_id text PRIMARY KEY, start_ns bigint NOT NULL, end_ns bigint,"
-                    " tenant text NOT NULL, principal text NOT NULL, kind text NOT NULL,"
-                    " decision text NOT NULL, state text NOT NULL, method text NOT NULL,"
-                    " trace_id text NOT NULL, parent_id text, root_id text,"
-                    " steps integer NOT NULL, terminal smallint NOT NULL, seq bigint NOT NULL,"
-                    " envelope bytea NOT NULL)"
-                )
-                for column in INDEXED:
-                    conn.execute(f"CREATE INDEX IF NOT EXISTS envelopes_{column} ON envelopes ({column})")
-                conn.execute(f"CREATE TABLE IF NOT EXISTS {_META} (name text PRIMARY KEY, value bigint)")
-                conn.execute(
-                    f"INSERT INTO {_META} VALUES ('schema_version', %s), ('dropped', 0)"
-                    " ON CONFLICT (name) DO NOTHING",
-                    (_SCHEMA_VERSION,),
-                )
+                self._create_objects(conn)
         except psycopg.Error as error:
             raise self.describe_error("create the ledger in", error) from None
 
@@ -432,26 +436,16 @@ class PostgresStore(Store):
         # The staging table of this connection's batches (no constraints: CREATE AS).
         conn.execute(
             "CREATE TEMPORARY TABLE IF NOT EXISTS envelope_staging ON COMMIT DELETE ROWS AS"
-            f" SELECT {', '.join(COLUMNS)} FROM envelopes WITH NO DATA"
+            f" SELECT {_COLUMN_LIST} FROM envelopes WITH NO DATA"
         )
 
     def write_batch(self, conn: Any, rows: Sequence[Row], dropped: int = 0) -> None:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))  # seq order = commit order
             with conn.cursor() as cursor:
-                with cursor.copy(f"COPY envelope_staging ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+                with cursor.copy(f"COPY envelope_staging ({_COLUMN_LIST}) FROM STDIN") as copy:
                     for found in rows:
                         copy.write_row(found)
-                cursor.execute(self._upsert)
+                cursor.execute(self._UPSERT)
                 if dropped:
-                    cursor.execute(
-                        f"UPDATE {_META} SET value = value + %s WHERE name = 'dropped'", (dropped,)
-                    )
-
-
-# -- reading ---------------------------------------------------------------------------
-
-
-def fetch(conn: Any, store: Store, query: str, params: Sequence[Any] = ()) -> list[Any]:
-    """Every row of ``query``."""
-    return list(conn.execute(store.sql(query), tuple(params)).fetchall())
+                    self._add_dropped(cursor, dropped)

@@ -35,13 +35,14 @@ that ``stats()`` reports.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, TypedDict, Unpack
 
 from envelope_grpc import _ledger_sql as sql
 from envelope_grpc._ledger_sql import DEFAULT_URL as DEFAULT_URL
@@ -71,22 +72,33 @@ Instant: TypeAlias = datetime.datetime | float | int
 WhenFull: TypeAlias = Literal["block", "drop"]
 
 
-_PREFIXES: Final = {"kind": "execution_kind_", "decision": "decision_outcome_", "state": "lifecycle_state_"}
+#: The filters that take the contract's names: their name tables and long-name prefixes.
+_NAMED: Final = {
+    "kind": (KIND_NAMES, "execution_kind_"),
+    "decision": (OUTCOME_NAMES, "decision_outcome_"),
+    "state": (STATE_NAMES, "lifecycle_state_"),
+}
 
 
-def _choice(value: str | int | None, names: dict[int, str], what: str) -> str | None:
+def choices(what: str) -> list[str]:
+    """The short names a ``kind``, ``decision`` or ``state`` filter takes."""
+    names, _ = _NAMED[what]
+    return [name for number, name in sorted(names.items()) if number]
+
+
+def _choice(value: str | int | None, what: str) -> str | None:
     """A kind / decision / state filter as its stored short name."""
     if value is None:
         return None
+    names, prefix = _NAMED[what]
     if isinstance(value, int):
         if value not in names:
             raise ValueError(f"unknown {what} {value}")
         return names[value]
-    text = value.strip().lower().replace("-", "_").removeprefix(_PREFIXES[what])
+    text = value.strip().lower().replace("-", "_").removeprefix(prefix)
     if text in names.values():
         return text
-    choices = ", ".join(name for number, name in sorted(names.items()) if number)
-    raise ValueError(f"unknown {what} {value!r} (one of {choices})")
+    raise ValueError(f"unknown {what} {value!r} (one of {', '.join(choices(what))})")
 
 
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -135,9 +147,9 @@ class Filters:
         exact = (
             ("tenant", self.tenant),
             ("principal", self.principal),
-            ("kind", _choice(self.kind, KIND_NAMES, "kind")),
-            ("decision", _choice(self.decision, OUTCOME_NAMES, "decision")),
-            ("state", _choice(self.state, STATE_NAMES, "state")),
+            ("kind", _choice(self.kind, "kind")),
+            ("decision", _choice(self.decision, "decision")),
+            ("state", _choice(self.state, "state")),
             ("method", self.method),
             ("trace_id", self.trace_id.lower() if self.trace_id else None),
         )
@@ -198,6 +210,24 @@ class _Waiter:
 
 
 _Item: TypeAlias = tuple[Row, _Waiter | None]
+
+
+class SinkOptions(TypedDict, total=False):
+    """How a LedgerSink writes (see LedgerSink)."""
+
+    durable_admission: bool
+    when_full: WhenFull
+    max_queue: int
+    max_batch: int
+    admission_timeout: float
+
+
+def _wake(items: Iterable[_Item], error: str | None) -> None:
+    """Tell whoever waits on ``items`` that they are committed (or why not)."""
+    for _, waiter in items:
+        if waiter is not None:
+            waiter.error = error
+            waiter.done.set()
 
 
 class LedgerSink:
@@ -339,16 +369,13 @@ class LedgerSink:
                 finally:
                     conn.close()
             except Exception as failure:
-                error = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+                error = sql.first_line(failure)
         with self._lock:
             if error is None:
                 self._written += len(items)
             else:
                 self._failed += len(items)
-        for _, waiter in items:
-            if waiter is not None:
-                waiter.error = error
-                waiter.done.set()
+        _wake(items, error)
         if error is not None:
             _log.error("ledger lost %d record(s): %s", len(items), error)
             raise LedgerError(f"ledger write failed: {error}")
@@ -390,25 +417,24 @@ class LedgerSink:
                     self._failed += len(batch)
                     self._unrecorded_drops += drops
                 self._idle.notify_all()
-            for _, waiter in batch:
-                if waiter is not None:
-                    waiter.error = error
-                    waiter.done.set()
+            _wake(batch, error)
 
     def _commit(self, rows: list[Row], drops: int) -> str | None:
-        """Write one batch, retrying once; None, or why it was lost."""
-        for attempt in (1, 2):
-            try:
-                self._store.write_batch(self._conn, rows, drops)
-                return None
-            except Exception as error:  # the writer thread must never die
-                if attempt == 2:
-                    _log.error("ledger lost a batch of %d record(s): %s", len(rows), error)
-                    return str(error).splitlines()[0] if str(error) else type(error).__name__
-                _log.warning("ledger batch failed, retrying once: %s", error)
-                time.sleep(0.05)
-                self._reconnect()
-        return None  # unreachable
+        """Write one batch, retrying once; None, or why it was lost. The
+        writer thread must never die, so every error is caught."""
+        try:
+            self._store.write_batch(self._conn, rows, drops)
+            return None
+        except Exception as error:
+            _log.warning("ledger batch failed, retrying once: %s", error)
+        time.sleep(0.05)
+        try:
+            self._reconnect()
+            self._store.write_batch(self._conn, rows, drops)
+            return None
+        except Exception as error:
+            _log.error("ledger lost a batch of %d record(s): %s", len(rows), error)
+            return sql.first_line(error)
 
     def _reconnect(self) -> None:
         try:
@@ -465,50 +491,38 @@ class Ledger:
         with self._lock:
             self._conn.close()
 
-    def sink(
-        self,
-        *,
-        durable_admission: bool = True,
-        when_full: WhenFull = "block",
-        max_queue: int = 10_000,
-        max_batch: int = 2_000,
-        admission_timeout: float = 10.0,
-    ) -> LedgerSink:
-        """A LedgerSink writing to this ledger, for ``EnvelopeConfig.sinks``."""
-        return LedgerSink(
-            self._url,
-            durable_admission=durable_admission,
-            when_full=when_full,
-            max_queue=max_queue,
-            max_batch=max_batch,
-            admission_timeout=admission_timeout,
-        )
+    def sink(self, **options: Unpack[SinkOptions]) -> LedgerSink:
+        """A LedgerSink writing to this ledger, for ``EnvelopeConfig.sinks``
+        (options as LedgerSink takes them)."""
+        return LedgerSink(self._url, **options)
+
+    @contextlib.contextmanager
+    def _using(self, what: str) -> Iterator[Any]:
+        """The connection, under the lock; an error leaves any open
+        transaction and becomes a one-line LedgerError about ``what``."""
+        with self._lock:
+            try:
+                yield self._conn
+            except Exception as error:
+                self._store.rollback(self._conn)
+                raise self._store.describe_error(what, error) from None
 
     def write(self, envelopes: Iterable[ExecutionEnvelope]) -> None:
         """Upsert ``envelopes`` now, in one transaction (no queue, no thread)."""
         rows = sql.newest(sql.row(env) for env in envelopes)
         if not rows:
             return
-        with self._lock:
-            try:
-                if not self._writer_ready:
-                    self._store.prepare_writer(self._conn)
-                    self._writer_ready = True
-                self._store.write_batch(self._conn, rows)
-            except LedgerError:
-                raise
-            except Exception as error:
-                raise self._store.describe_error("write to", error) from None
+        with self._using("write to") as conn:
+            if not self._writer_ready:
+                self._store.prepare_writer(conn)
+                self._writer_ready = True
+            self._store.write_batch(conn, rows)
 
     # -- queries ---------------------------------------------------------------------------
 
     def _fetch(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
-        with self._lock:
-            try:
-                return sql.fetch(self._conn, self._store, query, params)
-            except Exception as error:
-                self._store.rollback(self._conn)
-                raise self._store.describe_error("read", error) from None
+        with self._using("read") as conn:
+            return self._store.fetch(conn, query, params)
 
     def _envelopes(self, query: str, params: Sequence[Any] = ()) -> _Envelopes:
         return [sql.parse(bytes(blob)) for (blob,) in self._fetch(query, params)]
@@ -536,14 +550,10 @@ class Ledger:
     def list(self, filters: Filters | None = None, /, **fields: Any) -> _Envelopes:
         """Matching envelopes, oldest first; with a limit, the most recent ones.
         Filters may be given as keywords: ``ledger.list(tenant="acme")``."""
-        filters = dataclasses.replace(filters or Filters(), **fields)
-        where, params = filters.where()
-        if filters.limit is None:
-            return self._envelopes(f"{_SELECT} WHERE {where} ORDER BY start_ns, envelope_id", params)
-        recent = self._envelopes(
-            f"{_SELECT} WHERE {where} ORDER BY start_ns DESC, envelope_id DESC LIMIT ?",
-            [*params, filters.limit],
-        )
+        query, params, limited = _matching(filters, fields)
+        if not limited:
+            return self._envelopes(f"{query} ORDER BY start_ns, envelope_id", params)
+        recent = self._envelopes(query, params)
         recent.reverse()
         return recent
 
@@ -594,11 +604,10 @@ class Ledger:
         the cursor from which ``follow`` continues after them."""
         position = self.cursor()
         where, params = (filters or Filters()).where()
-        rows = self._fetch(
-            f"SELECT envelope FROM envelopes WHERE seq <= ? AND {where} ORDER BY seq DESC LIMIT ?",
-            [position, *params, count],
+        found = self._envelopes(
+            f"{_SELECT} WHERE seq <= ? AND {where} ORDER BY seq DESC LIMIT ?", [position, *params, count]
         )
-        found = [sql.parse(bytes(blob)) for (blob,) in reversed(rows)]
+        found.reverse()
         return found, position
 
     def follow(
@@ -644,20 +653,22 @@ class Ledger:
     def stats(self, filters: Filters | None = None, /, **fields: Any) -> LedgerStats:
         """Requested vs granted per tenant and dimension, denial reasons and
         narrowing rates over the matching envelopes (see LedgerStats)."""
-        filters = dataclasses.replace(filters or Filters(), **fields)
-        where, params = filters.where()
-        query = f"{_SELECT} WHERE {where}"
-        if filters.limit is not None:
-            query = f"{query} ORDER BY start_ns DESC, envelope_id DESC LIMIT ?"
-            params = [*params, filters.limit]
+        query, params, _ = _matching(filters, fields)
         dropped = self.dropped()
-        with self._lock:
-            try:
-                rows = self._store.stream(self._conn, query, params)
-                return compute((sql.parse(bytes(blob)) for (blob,) in rows), dropped)
-            except Exception as error:
-                self._store.rollback(self._conn)
-                raise self._store.describe_error("read", error) from None
+        with self._using("read") as conn:
+            rows = self._store.stream(conn, query, params)
+            return compute((sql.parse(bytes(blob)) for (blob,) in rows), dropped)
+
+
+def _matching(filters: Filters | None, fields: dict[str, Any]) -> tuple[str, list[Any], bool]:
+    """The query of the envelopes ``filters`` (updated by ``fields``) match,
+    its parameters, and whether it keeps only the most recent ``limit``."""
+    filters = dataclasses.replace(filters or Filters(), **fields)
+    where, params = filters.where()
+    query = f"{_SELECT} WHERE {where}"
+    if filters.limit is None:
+        return query, params, False
+    return f"{query} ORDER BY start_ns DESC, envelope_id DESC LIMIT ?", [*params, filters.limit], True
 
 
 def open_ledger(url: str | None = None, *, create: bool = True) -> Ledger:
