@@ -14,7 +14,6 @@ import json
 import os
 import re
 import sys
-import time
 from collections.abc import Sequence
 from typing import IO, Any, NoReturn
 
@@ -57,14 +56,9 @@ def _positive(text: str) -> int:
     return value
 
 
-def _names(kind: str) -> list[str]:
-    from envelope_grpc._telemetry import KIND_NAMES, OUTCOME_NAMES, STATE_NAMES
-
-    table = {"kind": KIND_NAMES, "decision": OUTCOME_NAMES, "state": STATE_NAMES}[kind]
-    return [name for number, name in sorted(table.items()) if number]
-
-
 def _ledger_parser(commands: Any) -> None:
+    from envelope_grpc.ledger import choices
+
     ledger_help = (
         "ledger URL: sqlite:///FILE or postgresql://USER@HOST:PORT/DB"
         " (default: $ENVELOPE_GRPC_LEDGER or sqlite:///envelopes.db)"
@@ -82,9 +76,9 @@ def _ledger_parser(commands: Any) -> None:
     def filters(parser: argparse.ArgumentParser, *, limit: bool = True) -> None:
         parser.add_argument("--tenant", help="only this tenant")
         parser.add_argument("--principal", help="only this principal subject")
-        parser.add_argument("--kind", choices=_names("kind"), help="only this execution kind")
-        parser.add_argument("--decision", choices=_names("decision"), help="only this admission outcome")
-        parser.add_argument("--state", choices=_names("state"), help="only this lifecycle state")
+        parser.add_argument("--kind", choices=choices("kind"), help="only this execution kind")
+        parser.add_argument("--decision", choices=choices("decision"), help="only this admission outcome")
+        parser.add_argument("--state", choices=choices("state"), help="only this lifecycle state")
         parser.add_argument("--method", help="only this full gRPC method, /package.Service/Method")
         parser.add_argument("--trace", metavar="TRACE_ID", help="only this trace id")
         parser.add_argument(
@@ -229,18 +223,16 @@ def _tail(ledger: Any, filters: Any, args: argparse.Namespace, out: IO[str]) -> 
             out.write("\n")
         out.flush()
 
-    found, cursor = ledger.recent(max(args.lines, 0), filters) if args.lines > 0 else ([], ledger.cursor())
+    found, cursor = ledger.recent(args.lines, filters) if args.lines > 0 else ([], ledger.cursor())
     if not args.json:
         out.write(render.line(render.HEADER) + "\n")
     emit(found)
     if args.once:
         return 0
     try:
-        while True:
-            found, cursor = ledger.follow(cursor, filters)
-            emit(found)
-            if not found:
-                time.sleep(max(args.interval, 0.05))
+        for env in ledger.tail(cursor, filters, interval=max(args.interval, 0.05)):
+            emit([env])
+        return 0
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:  # piped into head: stop quietly

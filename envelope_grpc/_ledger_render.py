@@ -76,14 +76,8 @@ def _value(resources: Resources | None, field: Any) -> str:
     return str(getattr(resources, field)) if resources.HasField(field) else ""
 
 
-def _label(env: ExecutionEnvelope) -> str:
-    target = env.execution.target
-    name = target.name or env.execution.method.rsplit("/", 1)[-1] or "?"
-    return f"{name}:{target.version}" if target.version else name
-
-
-def tree_lines(node: LineageNode, mark: str = "") -> list[str]:
-    """The tree drawn with box characters, one envelope a line: id, kind,
+def tree_rows(node: LineageNode, mark: str = "") -> list[tuple[str, ...]]:
+    """The tree drawn with box characters, one envelope a row: id, kind,
     target, state; ``mark`` (an envelope id) gets an arrow."""
     labels: list[tuple[str, ExecutionEnvelope]] = []
 
@@ -94,18 +88,17 @@ def tree_lines(node: LineageNode, mark: str = "") -> list[str]:
             walk(child, lead + ("    " if last else "│   "), lead + ("└── " if last else "├── "))
 
     walk(node, "", "")
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             label,
             KIND_NAMES.get(env.execution.kind, "?") if env.lifecycle.transitions else "(not recorded)",
-            _label(env) if env.lifecycle.transitions else "",
+            _table.target_label(env, "?") if env.lifecycle.transitions else "",
             STATE_NAMES.get(env.lifecycle.state, "?") if env.lifecycle.transitions else "",
             "◀" if mark and env.envelope_id == mark else "",
         )
         for label, env in labels
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(r, [*widths, 0], strict=True)).rstrip() for r in rows]
+    return rows
 
 
 def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None:
@@ -121,7 +114,7 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
         write(f"trace      {env.trace_id}  span {env.span_id}\n")
     write(f"method     {execution.method}\n")
     target = execution.target
-    what = f"{target.type} {_label(env)}".strip()
+    what = f"{target.type} {_table.target_label(env, '?')}".strip()
     attributes = " ".join(f"{k}={v}" for k, v in sorted(target.attributes.items()))
     kind = KIND_NAMES.get(execution.kind, "?")
     write(f"kind       {kind} · {what}{' · ' + attributes if attributes else ''}\n")
@@ -285,8 +278,7 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
 
     if tree is not None:
         write("\nlineage\n")
-        for text in tree_lines(tree, env.envelope_id):
-            write(text + "\n")
+        _table.render(tree_rows(tree, env.envelope_id), out, None)
 
 
 def _indented(rows: Sequence[Sequence[str]], out: IO[str], *, header: bool = False) -> None:

@@ -73,20 +73,26 @@ def row(env: ExecutionEnvelope) -> tuple[str, ...]:
     if env.outcome.reason_code and env.outcome.reason_code != env.decision.reason_code:
         state += f" ({env.outcome.reason_code})"
     granted = env.grants[-1] if env.grants else None
-    target = env.execution.target
-    name = target.name or env.execution.method.rsplit("/", 1)[-1]
     return (
         env.envelope_id[:8],
         env.lineage.parent_envelope_id[:8] or "-",
         env.principal.subject or "anonymous",
         env.principal.tenant or "-",
         KIND_NAMES[env.execution.kind],
-        f"{name}:{target.version}" if target.version else name,
+        target_label(env),
         amounts(env.requested) if env.HasField("requested") else "-",
         amounts(granted.resources) if granted is not None and granted.HasField("resources") else "-",
         decision,
         state,
     )
+
+
+def target_label(env: ExecutionEnvelope, missing: str = "") -> str:
+    """The target as "name:version"; the method's name when it has none,
+    and ``missing`` when there is neither."""
+    target = env.execution.target
+    name = target.name or env.execution.method.rsplit("/", 1)[-1] or missing
+    return f"{name}:{target.version}" if target.version else name
 
 
 def render(
