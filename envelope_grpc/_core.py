@@ -372,7 +372,7 @@ class Core:
             env, granted, reason_code=decision.reason_code, reason=decision.message, actor=k.ACTOR_ADMISSION
         )
         model.transition(env, model.ADMITTED, actor=k.ACTOR_ADMISSION, reason=decision.reason_code)
-        self.metrics.record(env)
+        self._count(env)
         for sink in self.write_ahead:
             try:
                 sink.admitted(env)
@@ -403,10 +403,17 @@ class Core:
             f"admission failed ({type(error).__name__}); the call is refused",
             BASIS_ERROR,
         )
-        if env.lifecycle.state == model.RECEIVED:
+        state = env.lifecycle.state
+        if state == model.REJECTED:  # refused already: whatever failed after, the refusal stands
+            if not call.ended:
+                self._emit(call)
+            outcome = env.outcome
+            code = _CODES.get(outcome.status_code, grpc.StatusCode.UNKNOWN)
+            return abort_status(env, code, outcome.reason_code, outcome.status_message, {})
+        if state == model.RECEIVED:
             model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
-        if env.lifecycle.state != model.NORMALIZED or env.grants:
-            return None  # admitted already (a sink or metrics failed after): let the call go on
+        elif state != model.NORMALIZED or env.grants:
+            return None  # admitted already (a sink failed after): let the call go on
         env.ClearField("decision")
         return self._deny(call, "admission", deny)
 
@@ -415,10 +422,18 @@ class Core:
         model.reject(
             env, deny.reason_code, deny.message, status_code=deny.code.value[0], actor=k.ACTOR_ADMISSION
         )
-        self.metrics.record(env)
+        self._count(env)
         status = abort_status(env, deny.code, deny.reason_code, deny.message, {"policy": policy})
         self._emit(call)
         return status
+
+    def _count(self, env: ExecutionEnvelope) -> None:
+        """Metrics are best effort, like the span: a failure must not turn a
+        decision already made into another."""
+        try:
+            self.metrics.record(env)
+        except Exception:
+            _log.exception("could not count envelope %s in the metrics", env.envelope_id)
 
     # -- after the handler -------------------------------------------------------------
 
@@ -507,13 +522,16 @@ def _negative(env: ExecutionEnvelope) -> tuple[str, Deny] | None:
     return "extractor", Deny(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESOURCE", message, BASIS_INVALID)
 
 
+_CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
+
+
 def _status(context: Any, error: BaseException | None) -> tuple[grpc.StatusCode, str]:
     code = context.code()
     details = context.details()
     if isinstance(details, bytes):
         details = details.decode("utf-8", "replace")
     if isinstance(code, int):  # grpc.aio reports the numeric code
-        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
     if code is not None and code is not grpc.StatusCode.OK:
         return code, details or ""
     if isinstance(error, asyncio.CancelledError | GeneratorExit) or _cancelled(context):

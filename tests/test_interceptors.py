@@ -457,6 +457,25 @@ def test_limits_policy_denies_with_status_and_error_info(backend: Start, spans: 
     assert (span.attributes or {})["execution_envelope.state"] == "rejected"
 
 
+def test_a_failing_metrics_recorder_changes_no_decision(backend: Start) -> None:
+    server = backend(EnvelopeConfig(policies=[LimitsPolicy([Limit(TOKENS, 100, deny=True)])]))
+
+    def record(env: ExecutionEnvelope) -> None:
+        raise RuntimeError("the meter is down")
+
+    server.interceptor.core.metrics.record = record
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(RUN)
+    server.stub.Run(pb.RunRequest(model="m", max_tokens=10))
+    refused, admitted = server.envelopes(2)
+    assert (caught.value.code(), error_info(caught.value).reason) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "LIMIT_EXCEEDED",
+    )
+    assert states(refused) == ["RECEIVED", "NORMALIZED", "REJECTED"]
+    assert states(admitted) == ["RECEIVED", "NORMALIZED", "ADMITTED", "COMPLETED"]
+
+
 def broken(envelope: ExecutionEnvelope, /) -> Allow:
     raise RuntimeError("policy store unreachable")
 
