@@ -170,6 +170,8 @@ class Core:
         self.blocking = bool(self.write_ahead) or any(
             spec.blocking or spec.budget is not None for spec in self.policies
         )
+        #: Whether ending a call may block (releasing a policy that does I/O).
+        self.blocking_end = any(spec.blocking and spec.release is not None for spec in self.policies)
         self.metrics = Metrics(config.meter_provider)
         self.dispatcher = (
             SinkDispatcher(config.sinks, max_queue=config.max_sink_queue) if config.sinks else None

@@ -101,7 +101,9 @@ class PolicySpec:
     ``budget`` (seconds) bounds the policy's time: it then runs on a worker
     thread and a late verdict counts as a failure. ``blocking`` says the
     policy does I/O; with it, or a budget, grpc.aio servers admit calls off
-    the event loop.
+    the event loop (and release them off it, for a releasing policy). A
+    policy whose own ``blocking`` attribute is true is blocking whatever the
+    spec says.
     """
 
     policy: Policy
@@ -115,6 +117,8 @@ class PolicySpec:
     def __post_init__(self) -> None:
         if isinstance(self.policy, Releasing):
             object.__setattr__(self, "release", self.policy)
+        if getattr(self.policy, "blocking", False):
+            object.__setattr__(self, "blocking", True)
         if self.budget is not None and self.budget <= 0:
             raise ValueError(f"a policy budget must be positive: {self.budget}")
         if not self.name:

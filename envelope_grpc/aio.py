@@ -120,7 +120,7 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
     async def end(call: Call, context: Any, error: BaseException | None = None) -> None:
         # Releasing blocking policies (a Redis quota) must not stall the loop; a
         # cancelled task cannot await, so it ends in place.
-        if core.blocking and not isinstance(error, asyncio.CancelledError):
+        if core.blocking_end and not isinstance(error, asyncio.CancelledError):
             await asyncio.to_thread(core.end, call, context, error)
         else:
             core.end(call, context, error)

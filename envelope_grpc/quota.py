@@ -46,11 +46,11 @@ default) keeps counters in the process. ``RedisQuotaStore`` keeps them in
 Redis, so replicas of a service share one budget; every take and release is
 one Lua script (EVALSHA, loaded on first use), and errors reach the admission
 seam, which fails closed (UNAVAILABLE / POLICY_ERROR) unless the policy fails
-open. A Redis-backed policy does I/O: admit with ``policy.spec(...)``, which
-marks the spec ``blocking`` so grpc.aio servers admit off the event loop,
-give it a time budget, and give the client short socket timeouts. ``release``
-runs on the RPC path after the handler (on the event loop, for grpc.aio
-servers): it is one short script call.
+open. A Redis-backed policy does I/O, and says so (``policy.blocking``):
+grpc.aio servers then admit and release its calls off the event loop. Give it
+a time budget with ``policy.spec(budget_seconds=...)`` and give the client
+short socket timeouts. ``release`` runs on the RPC path after the handler: it
+is one short script call.
 """
 
 from __future__ import annotations
@@ -593,8 +593,8 @@ class QuotaPolicy:
     ``QUOTA_EXCEEDED`` (denial basis EXHAUSTED) or, with ``narrow=True``,
     granted what is left (``QUOTA_NARROWED``) when something is. ``store``
     defaults to a ``MemoryQuotaStore``; holdings expire after ``lease_ttl``
-    seconds when a call is never released. Use ``policy.spec(...)`` in
-    ``EnvelopeConfig.policies`` to mark it blocking when its store does I/O.
+    seconds when a call is never released. It is ``blocking`` when its store
+    does I/O; ``policy.spec(...)`` adds a time budget, dry-run or fail-open.
     """
 
     def __init__(
@@ -625,16 +625,15 @@ class QuotaPolicy:
     def spec(
         self, *, budget_seconds: float | None = None, dry_run: bool = False, fail_open: bool | None = None
     ) -> PolicySpec:
-        """A PolicySpec of this policy, ``blocking`` when its store does I/O;
-        ``budget_seconds`` bounds how long admission waits for the store."""
-        return PolicySpec(
-            self,
-            name=self.name,
-            dry_run=dry_run,
-            fail_open=fail_open,
-            budget=budget_seconds,
-            blocking=self.store.blocking,
-        )
+        """A PolicySpec of this policy; ``budget_seconds`` bounds how long
+        admission waits for the store."""
+        return PolicySpec(self, name=self.name, dry_run=dry_run, fail_open=fail_open, budget=budget_seconds)
+
+    @property
+    def blocking(self) -> bool:
+        """Whether the store does I/O (admission and release then leave a
+        grpc.aio event loop)."""
+        return self.store.blocking
 
     def budgets_for(self, tenant: str, kind: ExecutionKind.ValueType | None = None) -> tuple[Budget, ...]:
         """The budgets that count calls of ``tenant`` (of ``kind``; None: of

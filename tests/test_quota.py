@@ -22,6 +22,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from envelope_grpc import Allow, Deny, EnvelopeConfig, Narrow, validate
+from envelope_grpc._core import Core
+from envelope_grpc._policy import as_spec
 from envelope_grpc.quota import (
     CALLS,
     Budget,
@@ -458,6 +460,17 @@ def test_spec_is_blocking_only_for_stores_that_do_io(
     spec = shared.spec(budget_seconds=0.5, fail_open=True)
     assert (memory.blocking, memory.name, memory.release is not None) == (False, "quota", True)
     assert (spec.blocking, spec.budget, spec.fail_open, spec.release) == (True, 0.5, True, shared)
+
+
+def test_a_bare_policy_over_a_store_that_does_io_is_blocking(
+    connect: Callable[..., redis.Redis], prefix: str
+) -> None:
+    shared = QuotaPolicy([Budget(ACCELERATORS, 4)], store=RedisQuotaStore(connect(), prefix=prefix))
+    memory = QuotaPolicy([Budget(ACCELERATORS, 4)])
+    assert (shared.blocking, memory.blocking) == (True, False)
+    assert (as_spec(shared).blocking, as_spec(memory).blocking) == (True, False)
+    assert Core(EnvelopeConfig(policies=[shared])).blocking_end
+    assert not Core(EnvelopeConfig(policies=[memory])).blocking_end
 
 
 # -- both server flavours ------------------------------------------------------------------------
