@@ -84,9 +84,11 @@ QUANTITIES: Final[Mapping[Any, int]] = {
     "bytes": ResourceDimension.RESOURCE_DIMENSION_BYTES,
     "duration_ms": ResourceDimension.RESOURCE_DIMENSION_DURATION_MS,
 }
+#: Field name of every quantity dimension.
+QUANTITY_FIELDS: Final[Mapping[int, Any]] = {dim: name for name, dim in QUANTITIES.items()}
 #: Field name of every resource dimension.
 DIMENSION_FIELDS: Final[Mapping[int, Any]] = {
-    **{dim: name for name, dim in QUANTITIES.items()},
+    **QUANTITY_FIELDS,
     DIMENSION_ACCELERATOR_TYPE: "accelerator_type",
 }
 

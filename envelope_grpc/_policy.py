@@ -17,7 +17,7 @@ from typing import Final, Protocol, runtime_checkable
 
 import grpc
 
-from envelope_grpc._envelope import QUANTITIES, compare, is_reason_code, stamp
+from envelope_grpc._envelope import QUANTITIES, QUANTITY_FIELDS, compare, is_reason_code, stamp
 from envelope_grpc._values import (
     BASIS_ERROR,
     BASIS_EXHAUSTED,
@@ -31,15 +31,12 @@ from envelope_grpc._values import (
     OUTCOME_NARROWED,
 )
 from envelope_grpc.v1.envelope_pb2 import (
-    DecisionOutcome,
     DenialBasis,
     ExecutionEnvelope,
     ExecutionKind,
     ResourceDimension,
     Resources,
 )
-
-OUTCOME = DecisionOutcome
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -290,7 +287,7 @@ class LimitsPolicy:
     def __init__(self, limits: Sequence[Limit], *, name: str = "limits") -> None:
         self.name = name
         for limit in limits:
-            if limit.dimension not in _QUANTITY_FIELDS:
+            if limit.dimension not in QUANTITY_FIELDS:
                 raise ValueError(f"not a quantity dimension: {limit.dimension}")
             if limit.maximum < 0:
                 raise ValueError(f"a limit must not be negative: {limit}")
@@ -305,7 +302,7 @@ class LimitsPolicy:
         for limit in self._limits:
             if (limit.kind and limit.kind != kind) or (limit.tenant and limit.tenant != tenant):
                 continue
-            field = _QUANTITY_FIELDS[limit.dimension]
+            field = QUANTITY_FIELDS[limit.dimension]
             if not requested.HasField(field) or getattr(requested, field) <= limit.maximum:
                 continue
             asked = getattr(requested, field)
@@ -323,6 +320,3 @@ class LimitsPolicy:
         if notes:
             return Narrow(caps, "LIMIT_NARROWED", "; ".join(notes))
         return Allow()
-
-
-_QUANTITY_FIELDS = {dimension: name for name, dimension in QUANTITIES.items()}

@@ -18,7 +18,7 @@ from opentelemetry.util.types import AttributeValue
 
 from envelope_grpc import _constants as k
 from envelope_grpc._envelope import ADMITTED, COMPLETED, NORMALIZED, QUANTITIES, RECEIVED, REJECTED
-from envelope_grpc._values import OUTCOME_ADMITTED
+from envelope_grpc._values import OUTCOME_ADMITTED, enum_names
 from envelope_grpc.v1.envelope_pb2 import (
     AuthMethod,
     DataClassification,
@@ -32,23 +32,14 @@ from envelope_grpc.v1.envelope_pb2 import (
     Resources,
 )
 
-
-def _short(enum_name: str, prefix: str) -> str:
-    return enum_name[len(prefix) :].lower()
-
-
-def _names(enum: object, prefix: str) -> dict[int, str]:
-    return {number: _short(name, prefix) for name, number in enum.items()}  # type: ignore[attr-defined]
-
-
-KIND_NAMES: Final = _names(ExecutionKind, "EXECUTION_KIND_")
-OUTCOME_NAMES: Final = _names(DecisionOutcome, "DECISION_OUTCOME_")
-STATE_NAMES: Final = _names(LifecycleState, "LIFECYCLE_STATE_")
-PRINCIPAL_NAMES: Final = _names(PrincipalKind, "PRINCIPAL_KIND_")
-AUTH_NAMES: Final = _names(AuthMethod, "AUTH_METHOD_")
-CLASSIFICATION_NAMES: Final = _names(DataClassification, "DATA_CLASSIFICATION_")
-MODE_NAMES: Final = _names(EnforcementMode, "ENFORCEMENT_MODE_")
-FLAG_NAMES: Final = _names(EnvelopeFlag, "ENVELOPE_FLAG_")
+KIND_NAMES: Final = enum_names(ExecutionKind.DESCRIPTOR)
+OUTCOME_NAMES: Final = enum_names(DecisionOutcome.DESCRIPTOR)
+STATE_NAMES: Final = enum_names(LifecycleState.DESCRIPTOR)
+PRINCIPAL_NAMES: Final = enum_names(PrincipalKind.DESCRIPTOR)
+AUTH_NAMES: Final = enum_names(AuthMethod.DESCRIPTOR)
+CLASSIFICATION_NAMES: Final = enum_names(DataClassification.DESCRIPTOR)
+MODE_NAMES: Final = enum_names(EnforcementMode.DESCRIPTOR)
+FLAG_NAMES: Final = enum_names(EnvelopeFlag.DESCRIPTOR)
 
 
 def _fields(out: dict[str, AttributeValue], prefix: str, message: Message) -> None:

@@ -6,7 +6,10 @@ Reading ``Enum.NAME`` on a generated enum wrapper goes through a slow
 
 from __future__ import annotations
 
+import re
 from typing import Final
+
+from google.protobuf.descriptor import EnumDescriptor
 
 from envelope_grpc.v1.envelope_pb2 import (
     AuthMethod,
@@ -56,3 +59,12 @@ AUTH_MTLS: Final = AuthMethod.AUTH_METHOD_MTLS
 AUTH_GATEWAY: Final = AuthMethod.AUTH_METHOD_GATEWAY
 
 DIMENSION_ACCELERATOR_TYPE: Final = ResourceDimension.RESOURCE_DIMENSION_ACCELERATOR_TYPE
+
+
+def enum_names(enum: EnumDescriptor) -> dict[int, str]:
+    """Value number -> lowercase name without the enum's prefix
+    (ExecutionKind.EXECUTION_KIND_INFERENCE -> "inference")."""
+    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+    if not all(value.name.startswith(prefix) for value in enum.values):
+        prefix = ""
+    return {value.number: value.name[len(prefix) :].lower() for value in enum.values}

@@ -39,11 +39,11 @@ from typing import Any, Final
 
 import cedarpy
 import grpc
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from envelope_grpc._policy import Allow, Deny, Verdict
-from envelope_grpc._values import BASIS_FORBIDDEN, BASIS_NOT_PERMITTED
+from envelope_grpc._values import BASIS_FORBIDDEN, BASIS_NOT_PERMITTED, enum_names
 from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope, ExecutionKind, Principal, Target
 
 __all__ = [
@@ -127,15 +127,6 @@ _SKIPPED_MESSAGES: Final = frozenset({"google.protobuf.Timestamp", "google.proto
 _Convert = Callable[[Any], Any]
 
 
-def _enum_names(enum: EnumDescriptor) -> dict[int, str]:
-    """Value number -> lowercase name without the enum's prefix."""
-    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
-    names = [value.name for value in enum.values]
-    if not all(name.startswith(prefix) for name in names):
-        prefix = ""
-    return {value.number: value.name[len(prefix) :].lower() for value in enum.values}
-
-
 @dataclasses.dataclass(slots=True)
 class _Types:
     """The common types declared while walking the contract."""
@@ -166,7 +157,7 @@ def _element(field: FieldDescriptor, types: _Types) -> tuple[dict[str, Any], _Co
     if field.type in _LONG_TYPES:
         return {"type": "Long"}, _same
     if field.type == _T.TYPE_ENUM:
-        names = _enum_names(field.enum_type)
+        names = enum_names(field.enum_type)
         return {"type": "String"}, lambda value: names.get(value, str(value))
     if field.type == _T.TYPE_MESSAGE and field.message_type.full_name not in _SKIPPED_MESSAGES:
         record = _record(field.message_type, types)
@@ -362,7 +353,7 @@ def _contract() -> _Contract:
     types.common["Context"] = _shape(context_fields)
     actions = {
         number: name
-        for number, name in _enum_names(ExecutionKind.DESCRIPTOR).items()
+        for number, name in enum_names(ExecutionKind.DESCRIPTOR).items()
         if number != ExecutionKind.EXECUTION_KIND_UNSPECIFIED
     }
     applies = {"principalTypes": ["Principal"], "resourceTypes": ["Target"], "context": {"type": "Context"}}

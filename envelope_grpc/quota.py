@@ -67,8 +67,9 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import grpc
 
-from envelope_grpc._envelope import QUANTITIES
+from envelope_grpc._envelope import QUANTITY_FIELDS
 from envelope_grpc._policy import Allow, Deny, Narrow, PolicySpec, Verdict
+from envelope_grpc._telemetry import KIND_NAMES
 from envelope_grpc._values import BASIS_EXHAUSTED, OUTCOME_DENIED
 from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope, ExecutionKind, ResourceDimension, Resources
 
@@ -97,7 +98,6 @@ QUOTA_NARROWED: Final = "QUOTA_NARROWED"
 
 _ANONYMOUS: Final = "anonymous"
 _log = logging.getLogger("envelope_grpc")
-_FIELDS: Final[Mapping[int, str]] = {dimension: name for name, dimension in QUANTITIES.items()}
 # The usage field that tells how much of a windowed dimension a call really used.
 _USAGE_FIELDS: Final[Mapping[int, Any]] = {
     ResourceDimension.RESOURCE_DIMENSION_TOKENS: "tokens",
@@ -108,10 +108,6 @@ _NAME: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 
 
 # -- budgets and the store protocol ----------------------------------------------------------
-
-
-def _kind_name(kind: ExecutionKind.ValueType) -> str:
-    return ExecutionKind.Name(kind).removeprefix("EXECUTION_KIND_").lower()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -135,7 +131,7 @@ class Budget:
     refund: bool = True
 
     def __post_init__(self) -> None:
-        if self.dimension != CALLS and self.dimension not in _FIELDS:
+        if self.dimension != CALLS and self.dimension not in QUANTITY_FIELDS:
             raise ValueError(f"a budget needs a quantity dimension or CALLS: {self.dimension}")
         if self.limit < 0:
             raise ValueError(f"a budget's limit must not be negative: {self.limit}")
@@ -147,14 +143,15 @@ class Budget:
     @property
     def what(self) -> str:
         """The counted dimension: a Resources field name, or "calls"."""
-        return _FIELDS.get(self.dimension, "calls")
+        name: str = QUANTITY_FIELDS.get(self.dimension, "calls")
+        return name
 
     @property
     def counter(self) -> str:
         """This budget's counter name within a tenant, e.g.
         ``accelerator_count.concurrent.any`` or ``tokens.60000ms.inference``."""
         span = "concurrent" if self.window is None else f"{round(self.window * 1000)}ms"
-        return f"{self.what}.{span}.{_kind_name(self.kind) if self.kind else 'any'}"
+        return f"{self.what}.{span}.{KIND_NAMES[self.kind] if self.kind else 'any'}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -660,7 +657,7 @@ class QuotaPolicy:
         budgets: list[Budget] = []
         charges: list[Charge] = []
         for budget in self.budgets_for(tenant, envelope.execution.kind):
-            field: Any = _FIELDS.get(budget.dimension)
+            field: Any = QUANTITY_FIELDS.get(budget.dimension)
             if field is None:  # CALLS: one per call
                 amount = 1
             elif requested.HasField(field):
@@ -738,7 +735,7 @@ class QuotaPolicy:
 
     @staticmethod
     def _what(budget: Budget) -> str:
-        return f"{budget.what} of {_kind_name(budget.kind)}" if budget.kind else budget.what
+        return f"{budget.what} of {KIND_NAMES[budget.kind]}" if budget.kind else budget.what
 
     @staticmethod
     def _measure(budget: Budget, used: int) -> str:
