@@ -65,6 +65,9 @@ ACTOR_ADMISSION: Final = "admission"
 ACTOR_BACKEND: Final = "backend"
 ACTOR_COMPLETION: Final = "completion"
 
+#: Entries a map of the contract holds at most (target attributes, scope hints).
+MAX_MAP_ENTRIES: Final = 32
+
 #: Methods that build no envelope unless configured otherwise.
 DEFAULT_SKIPPED: Final = (
     "/grpc.health.v1.Health/*",

@@ -28,7 +28,16 @@ from opentelemetry import metrics, trace
 from envelope_grpc import _constants as k
 from envelope_grpc import _envelope as model
 from envelope_grpc._extract import Action, Extraction, ExtractorRegistry, MethodPlan
-from envelope_grpc._policy import POLICY_ERROR, Deny, Policy, PolicySpec, Releasing, admit, as_spec
+from envelope_grpc._policy import (
+    POLICY_ERROR,
+    Deny,
+    Policy,
+    PolicySpec,
+    Releasing,
+    admit,
+    as_spec,
+    record_denial,
+)
 from envelope_grpc._sinks import Sink, SinkDispatcher, SinkStats, WriteAheadSink
 from envelope_grpc._telemetry import KIND_NAMES, OUTCOME_NAMES, Metrics, annotate
 from envelope_grpc._types import CallInfo, Peer, Resolver, TrustPeer, Unauthenticated
@@ -40,7 +49,6 @@ from envelope_grpc._values import (
     FLAG_PEER_ENVELOPE_MALFORMED,
     FLAG_PEER_ENVELOPE_OVERSIZED,
     FLAG_PEER_ENVELOPE_UNTRUSTED,
-    OUTCOME_DENIED,
     PRINCIPAL_ANONYMOUS,
 )
 from envelope_grpc.v1.envelope_pb2 import (
@@ -86,7 +94,6 @@ class Call:
     """One call's envelope and counters."""
 
     __slots__ = (
-        "denial",
         "ended",
         "env",
         "release",
@@ -102,7 +109,6 @@ class Call:
         self.env = env
         self.span = span
         self.started_ns = started_ns
-        self.denial: tuple[str, Deny] | None = None
         self.request_messages = self.request_bytes = 0
         self.response_messages = self.response_bytes = 0
         self.ended = False
@@ -129,19 +135,16 @@ class AbortStatus(grpc.Status):
     trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
-def _first_values(pairs: _Pairs | None) -> dict[str, str | bytes]:
+def _first_values(pairs: _Pairs | None) -> tuple[dict[str, str | bytes], frozenset[str]]:
+    """The first value of each metadata key, and the keys sent more than once."""
     found: dict[str, str | bytes] = {}
-    for key, value in pairs or ():
-        found.setdefault(key, value)
-    return found
-
-
-def _repeated(pairs: _Pairs | None) -> frozenset[str]:
-    seen: set[str] = set()
     again: set[str] = set()
-    for key, _ in pairs or ():
-        (again if key in seen else seen).add(key)
-    return frozenset(again)
+    for key, value in pairs or ():
+        if key in found:
+            again.add(key)
+        else:
+            found[key] = value
+    return found, frozenset(again)
 
 
 def _request_id(value: str | bytes | None) -> str:
@@ -172,6 +175,9 @@ class Core:
         )
         #: Whether ending a call may block (releasing a policy that does I/O).
         self.blocking_end = any(spec.blocking and spec.release is not None for spec in self.policies)
+        self._resolvers = tuple(config.resolvers)
+        #: Whether the peer's auth context is read (resolvers or a trust predicate use it).
+        self._reads_auth = bool(self._resolvers) or config.trust_peer is not None
         self.metrics = Metrics(config.meter_provider)
         self.dispatcher = (
             SinkDispatcher(config.sinks, max_queue=config.max_sink_queue) if config.sinks else None
@@ -189,11 +195,11 @@ class Core:
         """Receive, normalize and admit a call; ``request`` is the first request
         message (None for a request stream that ended at once). Returns the
         call and, when it is refused, the status to abort with."""
-        call = self._receive(plan, context)
+        call, refused = self._receive(plan, context)
         if request is not None:
             call.count_request(request)
         try:
-            status = self._admit(call, plan, request)
+            status = self._admit(call, plan, request, refused)
         except Exception as error:  # admission must end in a decision, never an escaping error
             _log.exception("admission of envelope %s failed", call.env.envelope_id)
             status = self._fail_admission(call, error)
@@ -202,10 +208,11 @@ class Core:
             context.set_trailing_metadata(trailers(call.env))
         return call, status
 
-    def _receive(self, plan: MethodPlan, context: Any) -> Call:
+    def _receive(self, plan: MethodPlan, context: Any) -> tuple[Call, tuple[str, Deny] | None]:
+        """The call's envelope from what the transport says, and the
+        identity's refusal if any."""
         now = time.time_ns()
-        pairs = context.invocation_metadata()
-        metadata = _first_values(pairs)
+        metadata, repeated = _first_values(context.invocation_metadata())
         env = model.new_envelope(
             plan.method,
             request_id=_request_id(metadata.get(k.REQUEST_ID_METADATA)),
@@ -228,29 +235,27 @@ class Core:
         if isinstance(agent, str):
             principal.user_agent = agent[:512]
         inbound = metadata.get(k.ENVELOPE_METADATA)
-        if self.config.resolvers or inbound is not None:
-            wants_auth = bool(self.config.resolvers) or self.config.trust_peer is not None
-            peer = Peer(address, (context.auth_context() or {}) if wants_auth else {})
-            if self.config.resolvers:
-                self._identify(call, CallInfo(plan.method, metadata, peer, repeated=_repeated(pairs)))
+        refused = None
+        if self._resolvers or inbound is not None:
+            peer = Peer(address, (context.auth_context() or {}) if self._reads_auth else {})
+            if self._resolvers:
+                info = CallInfo(plan.method, metadata, peer, repeated=repeated)
+                refused = self._resolve(principal, info)
+                for flag in info.flags:
+                    if flag not in env.flags:
+                        env.flags.append(flag)
             if inbound is not None:
                 self._lineage(env, inbound, peer)
         if not principal.kind:
             principal.kind = PRINCIPAL_ANONYMOUS
         if not principal.auth_method:
             principal.auth_method = AUTH_NONE
-        return call
-
-    def _identify(self, call: Call, info: CallInfo) -> None:
-        call.denial = self._resolve(call.env.principal, info)
-        for flag in info.flags:
-            if flag not in call.env.flags:
-                call.env.flags.append(flag)
+        return call, refused
 
     def _resolve(self, principal: Principal, info: CallInfo) -> tuple[str, Deny] | None:
         """Ask the resolvers in order; the first principal wins. A refusal or
         a failing resolver is an UNAUTHENTICATED denial."""
-        for resolver in self.config.resolvers:
+        for resolver in self._resolvers:
             try:
                 found = resolver(info)
             except Unauthenticated as refused:
@@ -347,14 +352,18 @@ class Core:
         model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
         return None
 
-    def _admit(self, call: Call, plan: MethodPlan, request: Message | None) -> AbortStatus | None:
+    def _admit(
+        self, call: Call, plan: MethodPlan, request: Message | None, refused: tuple[str, Deny] | None
+    ) -> AbortStatus | None:
+        """Normalize, then refuse (``refused`` by identity, an unmappable
+        request, negative amounts, an unmapped method) or run the policies."""
         env = call.env
         unmapped = self._normalize(env, plan, request, call.request_bytes)
-        call.denial = call.denial or unmapped
-        if call.denial is None and env.HasField("requested"):
-            call.denial = _negative(env)
-        if call.denial is None and plan.action is Action.DENY:
-            call.denial = (
+        refused = refused or unmapped
+        if refused is None and env.HasField("requested"):
+            refused = _negative(env)
+        if refused is None and plan.action is Action.DENY:
+            refused = (
                 "extractor",
                 Deny(
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -362,8 +371,8 @@ class Core:
                     f"{plan.method} is not mapped to an execution kind",
                 ),
             )
-        if call.denial is not None:
-            return self._deny(call, *call.denial)
+        if refused is not None:
+            return self._deny(call, *refused)
         admission = admit(env, self.policies, fail_open=self.config.fail_open)
         call.release = admission.release
         granted = admission.granted
@@ -386,13 +395,7 @@ class Core:
 
     def _deny(self, call: Call, policy: str, deny: Deny) -> AbortStatus:
         """Refuse before the policies ran (identity, extraction, unmapped)."""
-        decision = call.env.decision
-        decision.outcome = OUTCOME_DENIED
-        decision.deciding_policy = policy
-        decision.reason_code = deny.reason_code
-        decision.message = deny.message
-        decision.denial_basis = deny.basis
-        model.stamp(decision.time, time.time_ns())
+        record_denial(call.env.decision, policy, deny)
         return self._refuse(call, policy, deny)
 
     def _fail_admission(self, call: Call, error: Exception) -> AbortStatus | None:
@@ -506,7 +509,7 @@ def _declared(env: ExecutionEnvelope, found: Extraction) -> None:
             continue
         if principal.auth_method == AUTH_NONE and not getattr(principal, part):
             setattr(principal, part, claimed)
-        elif len(env.scope.hints) < 32:
+        elif len(env.scope.hints) < k.MAX_MAP_ENTRIES:
             env.scope.hints[f"declared_{part}"] = claimed
 
 

@@ -17,6 +17,7 @@ import protovalidate
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from envelope_grpc._constants import ACTOR_ADMISSION, ACTOR_BACKEND, ACTOR_RECEIVER
 from envelope_grpc._values import (
     DIMENSION_ACCELERATOR_TYPE,
     OUTCOME_ADJUSTED,
@@ -142,7 +143,7 @@ def new_envelope(
     *,
     request_id: str = "",
     envelope_id: str = "",
-    actor: str = "receiver",
+    actor: str = ACTOR_RECEIVER,
     now_ns: int | None = None,
 ) -> ExecutionEnvelope:
     """An envelope in state RECEIVED for a call of ``method``."""
@@ -262,7 +263,7 @@ def record_admission_grant(
     *,
     reason_code: str = "",
     reason: str = "",
-    actor: str = "admission",
+    actor: str = ACTOR_ADMISSION,
     now_ns: int | None = None,
 ) -> int:
     """Write admission's grant (before the ADMITTED step); returns its outcome."""
@@ -286,7 +287,7 @@ def record_grant(
     *,
     reason_code: str = "",
     reason: str = "",
-    actor: str = "backend",
+    actor: str = ACTOR_BACKEND,
     now_ns: int | None = None,
 ) -> int:
     """Record the backend's final grant and move to GRANTED; returns its outcome.
@@ -311,7 +312,7 @@ def record_binding(
     env: ExecutionEnvelope,
     binding: Binding,
     *,
-    actor: str = "backend",
+    actor: str = ACTOR_BACKEND,
     now_ns: int | None = None,
 ) -> None:
     """Record placement and routing and move to BOUND."""

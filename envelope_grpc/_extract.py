@@ -21,7 +21,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 
-from envelope_grpc._constants import DEFAULT_SKIPPED
+from envelope_grpc._constants import DEFAULT_SKIPPED, MAX_MAP_ENTRIES
 from envelope_grpc._envelope import DIMENSION_FIELDS
 from envelope_grpc._values import (
     DIMENSION_ACCELERATOR_TYPE,
@@ -324,7 +324,6 @@ _LIMITS: Final = {
 }
 _MAX_VALUE: Final = 512
 _MAX_KEY: Final = 64
-_MAX_PAIRS: Final = 32
 _MAX_ITEMS: Final = {"datasets": 64, "policy_refs": 32}
 
 
@@ -373,16 +372,24 @@ def _applier(rule: FieldRule) -> _Apply:
         return _resource_applier(rule)
     if destination == "scope":
         return _scope_applier(rule.scope)
-    if destination in ("target_attribute", "hint"):
-        key = (rule.target_attribute if destination == "target_attribute" else rule.hint)[:_MAX_KEY]
-        overwrite = destination == "hint"
+    if destination == "target_attribute":
+        attribute = rule.target_attribute[:_MAX_KEY]
 
-        def put(found: Extraction, value: Any) -> None:
-            entries = found.target.attributes if not overwrite else found.scope.hints
-            if (overwrite or key not in entries) and (key in entries or len(entries) < _MAX_PAIRS):
-                entries[key] = _text(value)[:_MAX_VALUE]
+        def put_attribute(found: Extraction, value: Any) -> None:  # the first value wins
+            entries = found.target.attributes
+            if attribute not in entries and len(entries) < MAX_MAP_ENTRIES:
+                entries[attribute] = _text(value)[:_MAX_VALUE]
 
-        return put
+        return put_attribute
+    if destination == "hint":
+        hint = rule.hint[:_MAX_KEY]
+
+        def put_hint(found: Extraction, value: Any) -> None:  # the last value wins
+            entries = found.scope.hints
+            if hint in entries or len(entries) < MAX_MAP_ENTRIES:
+                entries[hint] = _text(value)[:_MAX_VALUE]
+
+        return put_hint
     raise ValueError(f"a field rule without a destination: {rule}")
 
 

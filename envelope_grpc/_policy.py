@@ -31,6 +31,7 @@ from envelope_grpc._values import (
     OUTCOME_NARROWED,
 )
 from envelope_grpc.v1.envelope_pb2 import (
+    Decision,
     DenialBasis,
     ExecutionEnvelope,
     ExecutionKind,
@@ -200,7 +201,6 @@ def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: 
     granted.CopyFrom(env.requested)
     denied: Deny | None = None
     deciding: tuple[str, Narrow | Deny] | None = None
-    dry_runs = 0
     release: list[Releasing] = []
     for spec in policies:
         started = time.perf_counter_ns()
@@ -235,7 +235,6 @@ def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: 
             record.message = verdict.message
         record.rule_ids.extend(verdict.rule_ids)
         if spec.dry_run:
-            dry_runs += 1
             if isinstance(verdict, Deny) and FLAG_DRY_RUN_DENY not in env.flags:
                 env.flags.append(FLAG_DRY_RUN_DENY)
             continue
@@ -248,18 +247,27 @@ def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: 
             break
     if decision.fail_open and FLAG_FAIL_OPEN not in env.flags:
         env.flags.append(FLAG_FAIL_OPEN)
-    decision.mode = MODE_DRY_RUN if policies and dry_runs == len(policies) else MODE_ENFORCE
-    if denied is not None:
-        decision.outcome = OUTCOME_DENIED
-        decision.denial_basis = denied.basis
-    else:
-        decision.outcome = compare(env.requested, granted)
+    decision.mode = MODE_DRY_RUN if policies and all(spec.dry_run for spec in policies) else MODE_ENFORCE
+    if denied is not None and deciding is not None:
+        record_denial(decision, deciding[0], denied)
+        return Admission(granted, denied, release)
+    decision.outcome = compare(env.requested, granted)
     if deciding is not None:
         decision.deciding_policy, verdict = deciding
         decision.reason_code = verdict.reason_code
         decision.message = verdict.message
     stamp(decision.time, time.time_ns())
     return Admission(granted, denied, release)
+
+
+def record_denial(decision: Decision, policy: str, deny: Deny) -> None:
+    """Write ``deny``, by ``policy``, as the admission decision."""
+    decision.outcome = OUTCOME_DENIED
+    decision.deciding_policy = policy
+    decision.reason_code = deny.reason_code
+    decision.message = deny.message
+    decision.denial_basis = deny.basis
+    stamp(decision.time, time.time_ns())
 
 
 # -- the built-in limits policy ------------------------------------------------------
