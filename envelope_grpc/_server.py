@@ -26,6 +26,23 @@ _FACTORIES: dict[tuple[bool, bool], tuple[str, Callable[..., _Handler]]] = {
 _MAX_WRAPPED = 4096
 
 
+def behavior(handler: _Handler) -> Callable[..., Any]:
+    """The function that serves ``handler``'s calls."""
+    name, _ = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    return getattr(handler, name)  # type: ignore[no-any-return]
+
+
+def rebuilt(handler: _Handler, unary: Callable[..., Any], stream: Callable[..., Any]) -> _Handler:
+    """A handler of ``handler``'s shape and (de)serializers that serves its
+    calls with ``stream`` when it streams responses, else with ``unary``."""
+    _, factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    return factory(
+        stream if handler.response_streaming else unary,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 def counted(call: Call, first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     """The request stream as the handler sees it: the peeked first message,
     then the rest, each counted."""
@@ -87,9 +104,7 @@ class EnvelopeServerInterceptor(InterceptorBase, grpc.ServerInterceptor):
 
 
 def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
-    shape = (handler.request_streaming, handler.response_streaming)
-    name, factory = _FACTORIES[shape]
-    behavior = getattr(handler, name)
+    serve = behavior(handler)
     request_streaming = handler.request_streaming
 
     def begin(request_or_iterator: Any, context: grpc.ServicerContext) -> tuple[Call, Any]:
@@ -108,7 +123,7 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
         call, argument = begin(request_or_iterator, context)
         token = CURRENT.set(call.env)
         try:
-            response = behavior(argument, context)
+            response = serve(argument, context)
             call.count_response(response)
         except BaseException as error:
             core.end(call, context, error)
@@ -122,7 +137,7 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
         call, argument = begin(request_or_iterator, context)
         token = CURRENT.set(call.env)
         try:
-            for response in behavior(argument, context):
+            for response in serve(argument, context):
                 call.count_response(response)
                 yield response
         except BaseException as error:
@@ -132,8 +147,4 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
             CURRENT.reset(token)
         core.end(call, context)
 
-    return factory(
-        stream_response if handler.response_streaming else unary_response,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return rebuilt(handler, unary_response, stream_response)

@@ -17,7 +17,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from envelope_grpc._client import with_envelope
 from envelope_grpc._core import CURRENT, AbortStatus, Call, Core, EnvelopeConfig
 from envelope_grpc._extract import MethodPlan
-from envelope_grpc._server import _FACTORIES, InterceptorBase, _Handler
+from envelope_grpc._server import InterceptorBase, _Handler, behavior, rebuilt
 
 __all__ = [
     "EnvelopeServerInterceptor",
@@ -96,12 +96,11 @@ class EnvelopeServerInterceptor(InterceptorBase, grpc.aio.ServerInterceptor):
 
 
 def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
-    name, factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
-    behavior = getattr(handler, name)
+    serve = behavior(handler)
     request_streaming = handler.request_streaming
-    yields = inspect.isasyncgenfunction(behavior)
+    yields = inspect.isasyncgenfunction(serve)
     # grpc.aio also serves plain functions (with a migration thread pool).
-    awaits = inspect.iscoroutinefunction(behavior)
+    awaits = inspect.iscoroutinefunction(serve)
     writes = handler.response_streaming and awaits  # responses come through context.write()
 
     async def admit(context: Any, request: Any) -> tuple[Call, AbortStatus | None]:
@@ -146,9 +145,9 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
         CURRENT.set(call.env)  # each call runs in its own task, with its own context
         try:
             if awaits:
-                response = await behavior(argument, seen)
+                response = await serve(argument, seen)
             else:
-                response = await asyncio.to_thread(behavior, argument, seen)
+                response = await asyncio.to_thread(serve, argument, seen)
             call.count_response(response)
         except BaseException as error:
             await end(call, context, error)
@@ -161,13 +160,13 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
         CURRENT.set(call.env)
         try:
             if yields:
-                async for response in behavior(argument, seen):
+                async for response in serve(argument, seen):
                     call.count_response(response)
                     yield response
             elif awaits:  # a handler that writes with context.write()
-                await behavior(argument, seen)
+                await serve(argument, seen)
             else:  # a plain generator
-                for response in behavior(argument, seen):
+                for response in serve(argument, seen):
                     call.count_response(response)
                     yield response
         except BaseException as error:
@@ -175,11 +174,7 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
             raise
         await end(call, context)
 
-    return factory(
-        stream_response if handler.response_streaming else unary_response,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return rebuilt(handler, unary_response, stream_response)
 
 
 def _end_cancelled(
@@ -206,13 +201,12 @@ def server_interceptors(
 
 
 def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    pairs = with_envelope(tuple(details.metadata) if details.metadata is not None else None)
+    pairs = with_envelope(details.metadata)
+    if pairs is None:
+        return details
+    metadata = grpc.aio.Metadata(*pairs)
     return grpc.aio.ClientCallDetails(
-        details.method,
-        details.timeout,
-        grpc.aio.Metadata(*pairs) if pairs is not None else None,
-        details.credentials,
-        details.wait_for_ready,
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
     )
 
 
