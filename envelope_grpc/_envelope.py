@@ -53,6 +53,7 @@ CANCELLED: Final = S.LIFECYCLE_STATE_CANCELLED
 REJECTED: Final = S.LIFECYCLE_STATE_REJECTED
 
 TERMINAL: Final = frozenset({COMPLETED, FAILED, CANCELLED, REJECTED})
+_LIVE: Final = frozenset({RECEIVED, NORMALIZED, ADMITTED, GRANTED, BOUND})
 _ENDS: Final = frozenset({FAILED, CANCELLED})
 
 #: Every legal lifecycle move, as documented on ``LifecycleState``.
@@ -325,6 +326,15 @@ def record_usage(env: ExecutionEnvelope, usage: Usage) -> None:
     """Merge actual usage into the outcome; allowed until the envelope ends."""
     _require(env, (ADMITTED, GRANTED, BOUND), "record usage")
     env.outcome.usage.MergeFrom(usage)
+
+
+def record_failure(env: ExecutionEnvelope, reason_code: str) -> None:
+    """Record why the backend fails the call (``reason_code``, LIKE_THIS);
+    allowed until the envelope ends, which it then does FAILED."""
+    _require(env, _LIVE, "fail an envelope that has ended")
+    if not is_reason_code(reason_code):
+        raise ValueError(f"a reason code is like MODEL_UNAVAILABLE, not {reason_code!r}")
+    env.outcome.reason_code = reason_code
 
 
 def reject(

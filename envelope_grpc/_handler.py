@@ -61,11 +61,5 @@ def fail(reason_code: str, message: str, code: grpc.StatusCode = grpc.StatusCode
     and return the status to abort with, carrying an ErrorInfo; the envelope
     ends FAILED with this reason when the call ends."""
     env = _required()
-    if model.is_terminal(env):
-        raise model.LifecycleError(
-            env.lifecycle.state, env.lifecycle.state, "fail an envelope that has ended"
-        )
-    if not model.is_reason_code(reason_code):
-        raise ValueError(f"a reason code is like MODEL_UNAVAILABLE, not {reason_code!r}")
-    env.outcome.reason_code = reason_code
+    model.record_failure(env, reason_code)
     return abort_status(env, code, reason_code, message, {})

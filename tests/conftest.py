@@ -80,6 +80,8 @@ def perform(request: pb.RunRequest) -> pb.RunResponse | grpc.Status:
         return envelope_grpc.reject("INSUFFICIENT_CAPACITY", "no node has 8 free accelerators")
     if request.behavior == "fail":
         raise RuntimeError("handler failed")
+    if request.behavior == "unavailable":
+        return envelope_grpc.fail("MODEL_UNAVAILABLE", "the model is not loaded", grpc.StatusCode.UNAVAILABLE)
     if request.behavior == "set_code":
         return pb.RunResponse()
     return pb.RunResponse(

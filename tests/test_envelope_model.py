@@ -31,6 +31,7 @@ from envelope_grpc._envelope import (
     new_envelope,
     record_admission_grant,
     record_binding,
+    record_failure,
     record_grant,
     record_requested,
     record_usage,
@@ -329,6 +330,7 @@ FREEZERS: dict[str, Callable[[ExecutionEnvelope], object]] = {
     "record_grant": lambda e: record_grant(e, REQUESTED),
     "record_binding": lambda e: record_binding(e, BINDING),
     "record_usage": lambda e: record_usage(e, Usage(tokens=1)),
+    "record_failure": lambda e: record_failure(e, "MODEL_UNAVAILABLE"),
     "transition_failed": lambda e: transition(e, FAILED, actor="x"),
     "transition_completed": lambda e: transition(e, COMPLETED, actor="x"),
 }
@@ -343,6 +345,15 @@ def test_terminal_envelope_is_frozen(path: tuple[int, ...], operation: str) -> N
         FREEZERS[operation](env)
     assert S.Name(path[-1]) in str(info.value)
     assert _snapshot(env) == before
+
+
+def test_record_failure_takes_a_reason_code_only() -> None:
+    env = _build((RECEIVED, NORMALIZED, ADMITTED))
+    with pytest.raises(ValueError, match="a reason code is like MODEL_UNAVAILABLE, not 'model down'"):
+        record_failure(env, "model down")
+    assert env.outcome.reason_code == ""
+    record_failure(env, "MODEL_UNAVAILABLE")
+    assert env.outcome.reason_code == "MODEL_UNAVAILABLE"
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[_path_id(p) for p in PATHS])

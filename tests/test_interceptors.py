@@ -240,6 +240,22 @@ def test_backend_rejection_aborts_with_error_info(backend: Start) -> None:
     assert validate(env) == []
 
 
+def test_backend_failure_aborts_with_error_info_and_ends_failed_with_its_reason(backend: Start) -> None:
+    server = backend()
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(pb.RunRequest(model="m", behavior="unavailable"))
+    (env,) = server.envelopes(1)
+    assert (caught.value.code(), caught.value.details()) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "the model is not loaded",
+    )
+    info = error_info(caught.value)
+    assert (info.reason, info.metadata["envelope_id"]) == ("MODEL_UNAVAILABLE", env.envelope_id)
+    assert states(env) == ["RECEIVED", "NORMALIZED", "ADMITTED", "FAILED"]
+    assert (env.outcome.reason_code, env.outcome.status_code) == ("MODEL_UNAVAILABLE", 14)
+    assert validate(env) == []
+
+
 @pytest.mark.parametrize(
     ("behavior", "code"),
     [
