@@ -175,8 +175,8 @@ def _attribute(field: FieldDescriptor, types: _Types, *, always: bool = False) -
     (read as its default when unset)."""
     name = field.name
     if _is_map(field):
-        value = _element(field.message_type.fields_by_name["value"], types)
-        if field.message_type.fields_by_name["key"].type != _T.TYPE_STRING or value is None:
+        value = _map_value(field, types)
+        if value is None:
             return None
         pair = {"type": "Record", "attributes": {"key": {"type": "String"}, "value": value[0]}}
         read = functools.partial(_read_pairs, name, value[1])
@@ -199,6 +199,14 @@ def _is_map(field: FieldDescriptor) -> bool:
     return field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
+def _map_value(field: FieldDescriptor, types: _Types) -> tuple[Any, _Convert] | None:
+    """The Cedar type and conversion of a string-keyed map's values, or None."""
+    entry = field.message_type.fields_by_name
+    if entry["key"].type != _T.TYPE_STRING:
+        return None
+    return _element(entry["value"], types)
+
+
 _Tags = tuple[dict[str, Any], Callable[[Message], dict[str, Any]]]
 
 
@@ -211,7 +219,7 @@ def _fields(message: Descriptor, types: _Types, *, tags: bool = False) -> tuple[
         if tags and _is_map(field):
             if tag is not None:
                 raise TypeError(f"{message.full_name} has more than one map to become entity tags")
-            value = _element(field.message_type.fields_by_name["value"], types)
+            value = _map_value(field, types)
             if value is not None:
                 tag = value[0], functools.partial(_read_tags, field.name, value[1])
             continue
@@ -567,8 +575,10 @@ class CedarPolicy:
     def __repr__(self) -> str:
         return f"CedarPolicy(name={self.name!r}, policies={len(self.policy_set)})"
 
-    def _rule(self, policy_id: str) -> _Rule:
-        return self._rules.get(policy_id) or _Rule(policy_id, "")
+    def _rule(self, policy_id: str, annotated: Mapping[str, str] | None = None) -> _Rule:
+        """The rule of ``policy_id``: its @id and @reason, else the id Cedar
+        reports (``annotated`` maps policy ids to @id annotations)."""
+        return self._rules.get(policy_id) or _Rule((annotated or {}).get(policy_id) or policy_id, "")
 
     def __call__(self, envelope: ExecutionEnvelope, /) -> Verdict:
         """Evaluate ``envelope``: Allow, or Deny with PERMISSION_DENIED."""
@@ -593,10 +603,7 @@ class CedarPolicy:
         if diagnostics.errors or result.decision is cedarpy.Decision.NoDecision:
             raise CedarEvaluationError([self._name_policies(error) for error in diagnostics.errors])
         annotated = diagnostics.id_annotations_by_reason
-        rules = [
-            self._rules.get(policy_id) or _Rule(annotated.get(policy_id) or policy_id, "")
-            for policy_id in diagnostics.reasons
-        ]
+        rules = [self._rule(policy_id, annotated) for policy_id in diagnostics.reasons]
         ids = tuple(rule.id for rule in rules)
         reasons = "; ".join(rule.reason for rule in rules if rule.reason)
         if result.decision is cedarpy.Decision.Allow:

@@ -187,6 +187,16 @@ def _claim_name(path: ClaimPath) -> str:
     return path if isinstance(path, str) else ".".join(path)
 
 
+def _claim_text(claims: Mapping[str, object], path: ClaimPath, limit: int, *, numbers: bool = False) -> str:
+    """The claim at ``path`` as cleaned text; "" when absent."""
+    return _text(_claim(claims, path), _claim_name(path), limit, numbers=numbers)
+
+
+def _claim_names(claims: Mapping[str, object], path: ClaimPath, limit: int, item_max: int) -> list[str]:
+    """The claim at ``path`` as a list of names (a list, or a space-separated string)."""
+    return _names(_claim(claims, path), _claim_name(path), _SPACES, limit, item_max)
+
+
 _HMAC_MIN_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}  # RFC 7518 §3.2
 _RSA_ALGORITHMS: Final = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_CURVES: Final[Mapping[str, type[ec.EllipticCurve]]] = {
@@ -413,7 +423,7 @@ class JwtResolver:
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         names = self._claims
         caller, on_behalf_of = self._delegation(claims)
-        subject = _text(_claim(caller, names.subject), _claim_name(names.subject), _SUBJECT_MAX)
+        subject = _claim_text(caller, names.subject, _SUBJECT_MAX)
         if not subject:
             raise _Invalid(_claim_name(names.subject))
         kind = _kind(_claim(caller, names.kind))
@@ -422,15 +432,9 @@ class JwtResolver:
         return Principal(
             subject=subject,
             kind=kind,
-            tenant=_text(_claim(claims, names.tenant), _claim_name(names.tenant), _NAME_MAX, numbers=True),
-            project=_text(_claim(claims, names.project), _claim_name(names.project), _NAME_MAX, numbers=True),
-            roles=_names(
-                _claim(claims, names.roles),
-                _claim_name(names.roles),
-                _SPACES,
-                _ROLES_MAX,
-                _NAME_MAX,
-            ),
+            tenant=_claim_text(claims, names.tenant, _NAME_MAX, numbers=True),
+            project=_claim_text(claims, names.project, _NAME_MAX, numbers=True),
+            roles=_claim_names(claims, names.roles, _ROLES_MAX, _NAME_MAX),
             auth_method=AUTH_JWT,
             on_behalf_of=on_behalf_of,
             issuer=_text(claims.get("iss"), "iss", _ISSUER_MAX),
@@ -441,14 +445,7 @@ class JwtResolver:
         names = self._claims
         actor = _claim(claims, names.actor)
         if actor is None:
-            chain = _names(
-                _claim(claims, names.on_behalf_of),
-                _claim_name(names.on_behalf_of),
-                _SPACES,
-                _ON_BEHALF_OF_MAX,
-                _SUBJECT_MAX,
-            )
-            return claims, chain
+            return claims, _claim_names(claims, names.on_behalf_of, _ON_BEHALF_OF_MAX, _SUBJECT_MAX)
         field = _claim_name(names.actor)
         nested = names.actor if isinstance(names.actor, str) else names.actor[-1]
         actors: list[Mapping[str, Any]] = []  # the current actor first, the earliest last
@@ -457,10 +454,9 @@ class JwtResolver:
                 raise _Invalid(field)
             actors.append(actor)
             actor = actor.get(nested)
-        subject_field = _claim_name(names.subject)
         chain = []
         for party in (claims, *reversed(actors[1:])):
-            name = _text(_claim(party, names.subject), subject_field, _SUBJECT_MAX)
+            name = _claim_text(party, names.subject, _SUBJECT_MAX)
             if not name:
                 raise _Invalid(field)
             chain.append(name)

@@ -129,16 +129,22 @@ class Budget:
     kind: ExecutionKind.ValueType = ExecutionKind.EXECUTION_KIND_UNSPECIFIED
     tenant: str = ""
     refund: bool = True
+    #: This budget's counter name within a tenant, e.g.
+    #: ``accelerator_count.concurrent.any`` or ``tokens.60000ms.inference``.
+    counter: str = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.dimension != CALLS and self.dimension not in QUANTITY_FIELDS:
             raise ValueError(f"a budget needs a quantity dimension or CALLS: {self.dimension}")
         if self.limit < 0:
             raise ValueError(f"a budget's limit must not be negative: {self.limit}")
-        if self.window is not None and round(self.window * 1000) < 1:
+        if self.window is not None and _window_ms(self.window) < 1:
             raise ValueError(f"a budget's window must be at least 1 ms: {self.window}")
         if self.kind not in ExecutionKind.values():
             raise ValueError(f"not an execution kind: {self.kind}")
+        span = "concurrent" if self.window is None else f"{_window_ms(self.window)}ms"
+        kind = KIND_NAMES[self.kind] if self.kind else "any"
+        object.__setattr__(self, "counter", f"{self.what}.{span}.{kind}")  # every call names it
 
     @property
     def what(self) -> str:
@@ -146,12 +152,14 @@ class Budget:
         name: str = QUANTITY_FIELDS.get(self.dimension, "calls")
         return name
 
-    @property
-    def counter(self) -> str:
-        """This budget's counter name within a tenant, e.g.
-        ``accelerator_count.concurrent.any`` or ``tokens.60000ms.inference``."""
-        span = "concurrent" if self.window is None else f"{round(self.window * 1000)}ms"
-        return f"{self.what}.{span}.{KIND_NAMES[self.kind] if self.kind else 'any'}"
+    def charge(self, amount: int) -> Charge:
+        """A charge of ``amount`` against this budget."""
+        return Charge(self.counter, amount, self.limit, self.window)
+
+
+def _window_ms(window: float | None) -> int:
+    """A window in whole milliseconds; 0 for none (a concurrent count)."""
+    return 0 if window is None else round(window * 1000)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -169,13 +177,13 @@ class Charge:
             raise ValueError(f"a counter name must match {_NAME.pattern}: {self.counter!r}")
         if self.amount < 0 or self.limit < 0:
             raise ValueError(f"amount and limit must not be negative: {self}")
-        if self.window is not None and round(self.window * 1000) < 1:
+        if self.window is not None and _window_ms(self.window) < 1:
             raise ValueError(f"a window must be at least 1 ms: {self.window}")
 
     @property
     def window_ms(self) -> int:
         """The window in milliseconds; 0 for a concurrent charge."""
-        return 0 if self.window is None else round(self.window * 1000)
+        return _window_ms(self.window)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -648,7 +656,7 @@ class QuotaPolicy:
     def usage(self, tenant: str) -> dict[str, int]:
         """What ``tenant`` uses now, per counter name (``Budget.counter``)."""
         tenant = tenant or _ANONYMOUS
-        charges = [Charge(b.counter, 0, b.limit, b.window) for b in self.budgets_for(tenant)]
+        charges = [budget.charge(0) for budget in self.budgets_for(tenant)]
         return dict(zip((c.counter for c in charges), self.store.usage(tenant, charges), strict=True))
 
     def __call__(self, envelope: ExecutionEnvelope, /) -> Verdict:
@@ -666,7 +674,7 @@ class QuotaPolicy:
                 continue
             if amount > 0:
                 budgets.append(budget)
-                charges.append(Charge(budget.counter, amount, budget.limit, budget.window))
+                charges.append(budget.charge(amount))
         if not charges:
             return Allow()
         holder = envelope.envelope_id
