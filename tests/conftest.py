@@ -351,3 +351,18 @@ def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
     return info
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def refused(call: Callable[[], Any]) -> grpc.RpcError:
+    """The error ``call`` ends with (it must end with one)."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value

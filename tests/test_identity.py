@@ -269,7 +269,7 @@ def test_expiry_and_not_before_within_the_leeway_are_accepted(backend: Start) ->
         assert (env.principal.subject, states(env)[-1]) == ("user:ada", "COMPLETED")
 
 
-def test_required_token_missing_is_refused(backend: Start, spans: InMemorySpanExporter) -> None:
+def test_required_token_missing_is_refused(backend: Start) -> None:
     server = backend(EnvelopeConfig(resolvers=[hs_resolver(required=True)]))
     with pytest.raises(grpc.RpcError) as caught:
         server.stub.Run(REQUEST, metadata=(("authorization", "Basic dXNlcjpwYXNz"),))

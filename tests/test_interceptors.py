@@ -36,7 +36,6 @@ from envelope_grpc.v1.envelope_pb2 import (
     ExecutionEnvelope,
     ExecutionKind,
     GrantStage,
-    LifecycleState,
     ResourceDimension,
     Resources,
     Target,
@@ -44,7 +43,6 @@ from envelope_grpc.v1.envelope_pb2 import (
 from tests.conftest import Backend, error_info, server_span, states
 
 SERVICE = "/envelope_grpc.testing.v1.ExecutionTestService"
-S = LifecycleState
 O = DecisionOutcome  # noqa: E741
 Start = Callable[..., Backend]
 

@@ -26,7 +26,7 @@ import grpc
 import psycopg
 import pytest
 
-from envelope_grpc import EnvelopeConfig, Limit, LimitsPolicy, validate
+from envelope_grpc import EnvelopeConfig, Limit, LimitsPolicy
 from envelope_grpc import _envelope as model
 from envelope_grpc._ledger_pgtemp import PostgresUnavailable, TemporaryPostgres
 from envelope_grpc._ledger_sql import _LOCK
@@ -45,21 +45,16 @@ from envelope_grpc.ledger import (
 from envelope_grpc.testing.v1 import testing_pb2 as pb
 from envelope_grpc.testing.v1 import testing_pb2_grpc as pb_grpc
 from envelope_grpc.v1.envelope_pb2 import (
-    DecisionOutcome,
     ExecutionEnvelope,
     ExecutionKind,
     ResourceDimension,
     Resources,
 )
-from tests.conftest import Backend
+from tests._envelopes import DEPLOY, DEPLOYMENT, T0, admitted, finished, ids, sample
+from tests.conftest import Backend, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-T0 = 1_800_000_000 * 1_000_000_000  # 2027-01-15, in ns: fixed start times for the time filters
-INFERENCE = ExecutionKind.EXECUTION_KIND_INFERENCE
-DEPLOYMENT = ExecutionKind.EXECUTION_KIND_DEPLOYMENT
 AGENT = ExecutionKind.EXECUTION_KIND_AGENT_WORKFLOW
-RUN = "/t.v1.Models/Run"
-DEPLOY = "/t.v1.Models/Deploy"
 
 
 # -- servers and ledgers ---------------------------------------------------------------------
@@ -108,126 +103,6 @@ def writer_stalled(url: str) -> Iterator[None]:
                 yield
             finally:
                 pg.execute("SELECT pg_advisory_unlock(%s)", (_LOCK,))
-
-
-def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
-
-
-# -- envelopes made by hand ------------------------------------------------------------------
-
-
-def admitted(
-    requested: Resources | None = None,
-    granted: Resources | None = None,
-    *,
-    tenant: str = "acme",
-    subject: str = "alice",
-    kind: int = INFERENCE,
-    method: str = RUN,
-    at: float = 0.0,
-    parent: ExecutionEnvelope | None = None,
-    trace_id: str = "",
-    envelope_id: str = "",
-) -> ExecutionEnvelope:
-    """An envelope admitted ``at`` seconds after T0; narrowed when ``granted``
-    is below ``requested``."""
-    now = T0 + int(at * 1e9)
-    env = model.new_envelope(method, now_ns=now, envelope_id=envelope_id, request_id="r-1")
-    env.principal.tenant = tenant
-    env.principal.subject = subject
-    env.execution.kind = kind  # type: ignore[assignment]
-    env.execution.target.name = "model-a"
-    env.trace_id = trace_id or (parent.trace_id if parent is not None else os.urandom(16).hex())
-    if parent is not None:
-        env.lineage.parent_envelope_id = parent.envelope_id
-        env.lineage.root_envelope_id = parent.lineage.root_envelope_id or parent.envelope_id
-        env.lineage.depth = parent.lineage.depth + 1
-    requested = requested or Resources(tokens=10)
-    model.record_requested(env, requested)
-    model.transition(env, model.NORMALIZED, actor="extractor", now_ns=now + 1_000)
-    granted = requested if granted is None else granted
-    outcome = model.compare(requested, granted)
-    decision = env.decision
-    decision.outcome = outcome  # type: ignore[assignment]
-    decision.policies.add(policy="limits", outcome=outcome)
-    if outcome != DecisionOutcome.DECISION_OUTCOME_ADMITTED:
-        decision.deciding_policy = "limits"
-        decision.reason_code = "LIMIT_NARROWED"
-        decision.message = "capped"
-    model.record_admission_grant(
-        env, granted, reason_code=decision.reason_code, reason=decision.message, now_ns=now + 2_000
-    )
-    model.transition(env, model.ADMITTED, actor="admission", now_ns=now + 3_000)
-    assert validate(env) == []
-    return env
-
-
-def finished(
-    env: ExecutionEnvelope, state: int = model.COMPLETED, *, backend: Resources | None = None
-) -> ExecutionEnvelope:
-    """A copy of ``env`` carried to ``state``, with the backend's grant when given."""
-    done = ExecutionEnvelope()
-    done.CopyFrom(env)
-    now = env.lifecycle.transitions[-1].time.ToNanoseconds() + 1_000_000
-    if backend is not None:
-        model.record_grant(
-            done, backend, reason_code="BACKEND_SIZED", reason="sized by the backend", now_ns=now
-        )
-    if state == model.REJECTED:
-        model.reject(done, "NO_CAPACITY", "no capacity", status_code=9, actor="backend", now_ns=now + 1)
-    else:
-        model.transition(done, state, actor="completion", now_ns=now + 1)  # type: ignore[arg-type]
-    assert validate(done) == []
-    return done
-
-
-def denied(requested: Resources, *, tenant: str, subject: str, at: float = 0.0, method: str = RUN,
-           kind: int = INFERENCE) -> ExecutionEnvelope:  # fmt: skip
-    """An envelope denied at admission (LIMIT_EXCEEDED)."""
-    now = T0 + int(at * 1e9)
-    env = model.new_envelope(method, now_ns=now)
-    env.principal.tenant = tenant
-    env.principal.subject = subject
-    env.execution.kind = kind  # type: ignore[assignment]
-    env.trace_id = os.urandom(16).hex()
-    model.record_requested(env, requested)
-    model.transition(env, model.NORMALIZED, actor="extractor", now_ns=now + 1_000)
-    decision = env.decision
-    decision.outcome = DecisionOutcome.DECISION_OUTCOME_DENIED
-    decision.deciding_policy = "limits"
-    decision.reason_code = "LIMIT_EXCEEDED"
-    decision.message = "too many accelerators"
-    model.reject(
-        env, "LIMIT_EXCEEDED", "too many accelerators", status_code=8, actor="admission", now_ns=now + 2_000
-    )
-    assert validate(env) == []
-    return env
-
-
-def sample() -> list[ExecutionEnvelope]:
-    """Six envelopes, ten seconds apart: every filter and every stat has
-    something to tell apart."""
-    shared_trace = os.urandom(16).hex()
-    e1 = finished(admitted(Resources(tokens=100, bytes=10), at=0, trace_id=shared_trace))
-    e2 = finished(admitted(Resources(tokens=5000), Resources(tokens=4096), at=10, trace_id=shared_trace))
-    e3 = finished(
-        admitted(Resources(accelerator_count=2), subject="bob", kind=DEPLOYMENT, method=DEPLOY, at=20),
-        backend=Resources(accelerator_count=2, memory_bytes=8 << 30),
-    )
-    e4 = denied(
-        Resources(accelerator_count=32), tenant="globex", subject="bob", at=30, method=DEPLOY, kind=DEPLOYMENT
-    )
-    e5 = finished(admitted(Resources(tokens=10), tenant="globex", subject="bob", at=40), model.REJECTED)
-    e6 = admitted(Resources(tokens=20), tenant="globex", subject="carol", at=50)  # still running
-    return [e1, e2, e3, e4, e5, e6]
-
-
-def ids(envelopes: list[ExecutionEnvelope]) -> list[str]:
-    return [env.envelope_id for env in envelopes]
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -429,7 +304,7 @@ def test_follow_returns_new_and_changed_envelopes_after_a_cursor(ledger: Ledger)
         time.sleep(0.1)
         third = admitted(at=2)
         ledger.write([third])
-        until(lambda: len(seen) == 1)
+        wait_until(lambda: len(seen) == 1, timeout=10.0)
     finally:
         stop.set()
         follower.join(5)
@@ -445,7 +320,9 @@ def test_drop_policy_counts_every_drop(url: str, ledger: Ledger, caplog: pytest.
     try:
         with caplog.at_level(logging.WARNING, "envelope_grpc.ledger"), writer_stalled(url):
             sink.write(envelopes[:1])
-            until(lambda: sink.stats().queued == 0)  # the writer holds it, waiting for the lock
+            wait_until(
+                lambda: sink.stats().queued == 0, timeout=10.0
+            )  # the writer holds it, waiting for the lock
             sink.write(envelopes[1:])
             assert sink.stats() == LedgerSinkStats(
                 received=21, written=0, dropped=15, failed=0, queued=5, batches=0
@@ -470,10 +347,10 @@ def test_block_policy_makes_callers_wait_for_room(url: str, ledger: Ledger) -> N
     try:
         with writer_stalled(url):
             sink.write(envelopes[:1])
-            until(lambda: sink.stats().queued == 0)
+            wait_until(lambda: sink.stats().queued == 0, timeout=10.0)
             caller = threading.Thread(target=sink.write, args=(envelopes[1:],))
             caller.start()
-            until(lambda: sink.stats().queued == 5)
+            wait_until(lambda: sink.stats().queued == 5, timeout=10.0)
             time.sleep(0.2)
             assert caller.is_alive()  # blocked: no room, nothing dropped
             assert sink.stats().dropped == 0
@@ -520,14 +397,6 @@ def test_bad_urls_and_missing_ledgers_are_one_line_errors(tmp_path: Path) -> Non
     (tmp_path / "other.db").write_bytes(b"")
     with pytest.raises(LedgerError, match="holds no envelope ledger"):
         open_ledger(f"sqlite:///{tmp_path}/other.db", create=False)
-
-
-def test_public_surface_is_sorted_and_importable() -> None:
-    import envelope_grpc.ledger
-
-    assert envelope_grpc.ledger.__all__ == sorted(envelope_grpc.ledger.__all__)
-    for name in envelope_grpc.ledger.__all__:
-        assert getattr(envelope_grpc.ledger, name) is not None
 
 
 def test_the_url_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -643,12 +512,12 @@ def test_sigkill_mid_load_loses_no_admitted_envelope(tmp_path: Path) -> None:
 
     clients: list[threading.Thread] = []
     try:
-        until(lambda: port_file.exists() or process.poll() is not None, timeout=30)
+        wait_until(lambda: port_file.exists() or process.poll() is not None, timeout=30)
         assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
         clients = [threading.Thread(target=load) for _ in range(12)]
         for client in clients:
             client.start()
-        until(lambda: seen.exists() and len(seen.read_text().split()) >= 40, timeout=20)
+        wait_until(lambda: seen.exists() and len(seen.read_text().split()) >= 40, timeout=20)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(10)

@@ -15,7 +15,7 @@ from envelope_grpc import from_json
 from envelope_grpc._cli import main
 from envelope_grpc.ledger import open_ledger
 from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope
-from tests.test_ledger import admitted, sample
+from tests._envelopes import admitted, sample
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     ResourceDimension,
     Resources,
 )
-from tests.conftest import Backend, error_info
+from tests.conftest import Backend, error_info, refused, wait_until
 
 Start = Callable[..., Backend]
 ACCELERATORS = ResourceDimension.RESOURCE_DIMENSION_ACCELERATOR_COUNT
@@ -485,19 +485,6 @@ def run(
     if tokens:
         request.max_tokens = tokens
     return request
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
-
-
-def refused(call: Callable[[], Any]) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    return caught.value
 
 
 def test_concurrent_accelerators_are_refused_until_the_holder_ends(backend: Start) -> None:

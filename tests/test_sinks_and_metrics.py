@@ -14,6 +14,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import envelope_grpc
 import envelope_grpc.aio
+import envelope_grpc.ledger
 from envelope_grpc import (
     EnvelopeConfig,
     JsonLinesSink,
@@ -106,24 +107,20 @@ def test_admission_metrics(backend: Any) -> None:
     server.stub.Run(pb.RunRequest(model="m", tenant="acme", max_tokens=500))
     server.stub.Run(pb.RunRequest(model="m", tenant="acme", max_tokens=50))
     server.envelopes(2)
-    data = reader.get_metrics_data()
-    assert data is not None
-    points: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
-    for resource_metrics in data.resource_metrics:
-        for scope in resource_metrics.scope_metrics:
-            for metric in scope.metrics:
-                for point in metric.data.data_points:
-                    points[(metric.name, tuple(sorted(point.attributes.items())))] = point.value
 
     def value(name: str, **attributes: str) -> Any:
-        labels = {"kind": "inference", "tenant": "acme", **attributes}
-        return points[(name, tuple(sorted((f"execution_envelope.{k}", v) for k, v in labels.items())))]
+        return _points(reader, name)[_labels("acme", **attributes)]
 
     assert value("execution_envelope.admissions", outcome="narrowed") == 1
     assert value("execution_envelope.admissions", outcome="admitted") == 1
     assert value("execution_envelope.resources.requested", dimension="tokens") == 550
     assert value("execution_envelope.resources.granted", dimension="tokens") == 150
     provider.shutdown()
+
+
+def _labels(tenant: str, **extra: str) -> tuple[tuple[str, Any], ...]:
+    found = {"kind": "inference", "tenant": tenant, **extra}
+    return tuple(sorted((f"execution_envelope.{key}", value) for key, value in found.items()))
 
 
 def _points(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
@@ -151,26 +148,22 @@ def test_admission_metrics_sum_in_process_and_overflow_past_the_series_limit() -
         env.requested.tokens = 10
         counts.record(env)
 
-    def labels(tenant: str, **extra: str) -> tuple[tuple[str, Any], ...]:
-        found = {"kind": "inference", "tenant": tenant, **extra}
-        return tuple(sorted((f"execution_envelope.{key}", value) for key, value in found.items()))
-
     overflow = (("otel.metric.overflow", True),)
     assert _points(reader, "execution_envelope.admissions") == {
-        labels("acme", outcome="admitted"): 2,
-        labels("globex", outcome="admitted"): 1,
+        _labels("acme", outcome="admitted"): 2,
+        _labels("globex", outcome="admitted"): 1,
         overflow: 2,
     }
     assert _points(reader, "execution_envelope.resources.requested") == {
-        labels("acme", dimension="tokens"): 20,
-        labels("globex", dimension="tokens"): 10,
+        _labels("acme", dimension="tokens"): 20,
+        _labels("globex", dimension="tokens"): 10,
         overflow: 20,
     }
     assert _points(reader, "execution_envelope.resources.granted") == {}
     provider.shutdown()
 
 
-@pytest.mark.parametrize("module", [envelope_grpc, envelope_grpc.aio])
+@pytest.mark.parametrize("module", [envelope_grpc, envelope_grpc.aio, envelope_grpc.ledger])
 def test_public_surface_is_sorted_and_importable(module: Any) -> None:
     assert module.__all__ == sorted(module.__all__)
     for name in module.__all__:

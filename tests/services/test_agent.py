@@ -37,7 +37,6 @@ STATE = LifecycleState
 OUTCOME = DecisionOutcome
 COMPLETED = pb.StepStatus.STEP_STATUS_COMPLETED
 SKIPPED = pb.StepStatus.STEP_STATUS_SKIPPED
-FAILED = pb.StepStatus.STEP_STATUS_FAILED
 GOAL = "plan a search over the graph"
 
 

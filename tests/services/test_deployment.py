@@ -64,7 +64,7 @@ from services.deployment.placement import (
 )
 from services.deployment.v1 import deployment_pb2 as pb
 from services.deployment.v1 import deployment_pb2_grpc as pb_grpc
-from tests.conftest import Collector, error_info
+from tests.conftest import Collector, error_info, refused
 
 GiB = 1 << 30
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -999,13 +999,6 @@ def test_get_list_and_stop(server: Server) -> None:
         "ListDeployments", by_tenant, everyone, CONTROL_DONE, tenant="globex", outcome=completed(by_tenant)
     )
     assert stable(envs[7]) == control("StopDeployment", stop, target, CONTROL_DONE, outcome=completed(stop))
-
-
-def refused(call: Callable[[], Any]) -> grpc.RpcError:
-    """The error a call ends with."""
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    return caught.value
 
 
 def test_unknown_deployment_is_not_found(server: Server) -> None:
