@@ -318,8 +318,17 @@ def backend(flavor: str, spans: InMemorySpanExporter) -> Iterator[Callable[..., 
         *,
         traced: bool = True,
         downstream: Callable[[], str] | None = None,
+        server_credentials: grpc.ServerCredentials | None = None,
+        channel_credentials: grpc.ChannelCredentials | None = None,
     ) -> Backend:
-        server = Backend(flavor, config or EnvelopeConfig(), spans.provider if traced else None, downstream)  # type: ignore[attr-defined]
+        server = Backend(
+            flavor,
+            config or EnvelopeConfig(),
+            spans.provider if traced else None,  # type: ignore[attr-defined]
+            downstream,
+            server_credentials=server_credentials,
+            channel_credentials=channel_credentials,
+        )
         started.append(server)
         return server
 
@@ -333,6 +342,33 @@ def states(env: ExecutionEnvelope) -> list[str]:
     return [
         LifecycleState.Name(step.to).removeprefix("LIFECYCLE_STATE_") for step in env.lifecycle.transitions
     ]
+
+
+#: The lifecycle of a call the backend granted, bound and completed.
+COMPLETED_PATH = [
+    LifecycleState.LIFECYCLE_STATE_RECEIVED,
+    LifecycleState.LIFECYCLE_STATE_NORMALIZED,
+    LifecycleState.LIFECYCLE_STATE_ADMITTED,
+    LifecycleState.LIFECYCLE_STATE_GRANTED,
+    LifecycleState.LIFECYCLE_STATE_BOUND,
+    LifecycleState.LIFECYCLE_STATE_COMPLETED,
+]
+
+
+def transitions(env: ExecutionEnvelope) -> list[int]:
+    """The states an envelope went through, as numbers."""
+    return [step.to for step in env.lifecycle.transitions]
+
+
+def first_grant(env: ExecutionEnvelope, stage: int) -> Any:
+    """The envelope's first grant of ``stage``."""
+    return next(g for g in env.grants if g.stage == stage)
+
+
+def only_grant(env: ExecutionEnvelope, stage: int) -> Any:
+    """The envelope's grant of ``stage``, which must be its only one."""
+    (grant,) = [g for g in env.grants if g.stage == stage]
+    return grant
 
 
 def server_span(spans: InMemorySpanExporter, method: str, count: int = 1) -> ReadableSpan:

@@ -11,7 +11,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -484,29 +484,22 @@ def pki() -> Pki:
 
 
 @pytest.fixture
-def tls_server(flavor: str, pki: Pki, spans: InMemorySpanExporter) -> Iterator[Callable[..., Backend]]:
+def tls_server(backend: Start, pki: Pki) -> Callable[..., Backend]:
     """Start a TLS server of the test's flavour: tls_server(config, client_auth=True);
     its client presents the client certificate when ``client_auth``."""
-    started: list[Backend] = []
 
     def start(config: EnvelopeConfig, *, client_auth: bool = True) -> Backend:
         server_credentials = grpc.ssl_server_credentials(
             [(pki.server_key, pki.server_cert)], root_certificates=pki.ca, require_client_auth=client_auth
         )
         client = (pki.ca, pki.client_key, pki.client_cert) if client_auth else (pki.ca,)
-        server = Backend(
-            flavor,
+        return backend(
             config,
-            spans.provider,  # type: ignore[attr-defined]
             server_credentials=server_credentials,
             channel_credentials=grpc.ssl_channel_credentials(*client),
         )
-        started.append(server)
-        return server
 
-    yield start
-    for server in started:
-        server.close()
+    return start
 
 
 def test_client_certificate_names_a_service(

@@ -31,7 +31,7 @@ from services.agent.__main__ import run as agent_main
 from services.agent.v1 import agent_pb2 as pb
 from services.agent.v1 import agent_pb2_grpc as pb_grpc
 from services.inference import models
-from tests.conftest import Collector
+from tests.conftest import Collector, first_grant
 
 STATE = LifecycleState
 OUTCOME = DecisionOutcome
@@ -113,10 +113,6 @@ def tool_steps(response: pb.RunWorkflowResponse) -> list[pb.Step]:
     return list(response.steps[1:])
 
 
-def grant(env: ExecutionEnvelope, stage: int) -> Any:
-    return next(g for g in env.grants if g.stage == stage)
-
-
 def test_fan_out_lineage_and_one_trace(stack: Stack) -> None:
     request = pb.RunWorkflowRequest(
         workflow="research",
@@ -158,7 +154,7 @@ def test_fan_out_lineage_and_one_trace(stack: Stack) -> None:
     assert (run.requested.tokens, run.requested.concurrency) == (100, 3)
     assert not run.lineage.parent_envelope_id
     assert run.lineage.depth == 0
-    backend = grant(run, GrantStage.GRANT_STAGE_BACKEND)
+    backend = first_grant(run, GrantStage.GRANT_STAGE_BACKEND)
     assert backend.outcome == OUTCOME.DECISION_OUTCOME_ADMITTED
     assert (backend.resources.tokens, backend.resources.concurrency) == (100, 3)
     assert run.binding.endpoint == stack.inference.address
@@ -221,7 +217,7 @@ def test_one_tool_call_budget(stack: Stack) -> None:
     (child,) = children  # exactly one inference call
     assert child.envelope_id == steps[0].envelope_id
     assert (child.lineage.parent_envelope_id, child.lineage.root_envelope_id) == (run_id, run_id)
-    backend = grant(run, GrantStage.GRANT_STAGE_BACKEND)
+    backend = first_grant(run, GrantStage.GRANT_STAGE_BACKEND)
     assert backend.outcome == OUTCOME.DECISION_OUTCOME_NARROWED
     assert (backend.resources.tokens, backend.resources.concurrency) == (50, 1)
     assert backend.reason_code == "TOOL_CALL_BUDGET"
@@ -268,7 +264,7 @@ def test_token_budget(stack: Stack) -> None:
     assert second.requested.tokens == 0
     assert second.requested.HasField("tokens")
     assert second.outcome.usage.tokens == 0
-    widened = grant(second, GrantStage.GRANT_STAGE_BACKEND)  # no fan-out asked: all 3 steps at once
+    widened = first_grant(second, GrantStage.GRANT_STAGE_BACKEND)  # no fan-out asked: all 3 steps at once
     assert (widened.outcome, widened.resources.concurrency) == (OUTCOME.DECISION_OUTCOME_WIDENED, 3)
     assert widened.reason_code == "FAN_OUT_FROM_STEPS"
 
@@ -288,7 +284,7 @@ def test_admission_narrows_the_budget() -> None:
         assert [s.tokens_allowed for s in tool_steps(response)] == [16, 4]
         (run,), _ = stack.finish()
         assert run.decision.outcome == OUTCOME.DECISION_OUTCOME_NARROWED
-        backend = grant(run, GrantStage.GRANT_STAGE_BACKEND)
+        backend = first_grant(run, GrantStage.GRANT_STAGE_BACKEND)
         assert (backend.outcome, backend.resources.tokens) == (OUTCOME.DECISION_OUTCOME_NARROWED, 20)
         assert backend.reason_code == run.decision.reason_code
     finally:

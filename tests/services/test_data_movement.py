@@ -35,19 +35,12 @@ from services._runtime import start
 from services.data_movement import Stores
 from services.data_movement.v1 import data_movement_pb2 as pb
 from services.data_movement.v1 import data_movement_pb2_grpc as pb_grpc
-from tests.conftest import Collector, error_info
+from tests.conftest import COMPLETED_PATH, Collector, error_info, only_grant, transitions
 
 S = LifecycleState
+BACKEND = GrantStage.GRANT_STAGE_BACKEND
 CONFIDENTIAL = DataClassification.DATA_CLASSIFICATION_CONFIDENTIAL
 RESTRICTED = DataClassification.DATA_CLASSIFICATION_RESTRICTED
-COMPLETED_STEPS = [
-    S.LIFECYCLE_STATE_RECEIVED,
-    S.LIFECYCLE_STATE_NORMALIZED,
-    S.LIFECYCLE_STATE_ADMITTED,
-    S.LIFECYCLE_STATE_GRANTED,
-    S.LIFECYCLE_STATE_BOUND,
-    S.LIFECYCLE_STATE_COMPLETED,
-]
 DATA = np.random.default_rng(7).bytes(200_000)
 DATA_SHA = hashlib.sha256(DATA).hexdigest()
 
@@ -115,15 +108,6 @@ def chunked(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
-def steps(env: ExecutionEnvelope) -> list[int]:
-    return [t.to for t in env.lifecycle.transitions]
-
-
-def backend_grant(env: ExecutionEnvelope) -> Any:
-    (grant,) = [g for g in env.grants if g.stage == GrantStage.GRANT_STAGE_BACKEND]
-    return grant
-
-
 def assert_rejected(
     served: Served, error: grpc.RpcError, code: grpc.StatusCode, reason: str
 ) -> ExecutionEnvelope:
@@ -172,7 +156,7 @@ def test_upload_in_chunks_is_stored_verified_and_accounted(served: Served) -> No
     assert env.scope.region == "eu-west-1"
     assert env.principal.tenant == "acme"
     assert env.requested == Resources(bytes=len(DATA))
-    grant = backend_grant(env)
+    grant = only_grant(env, BACKEND)
     assert grant.resources == Resources(bytes=len(DATA))
     assert grant.outcome == DecisionOutcome.DECISION_OUTCOME_ADMITTED
     binding = env.binding
@@ -184,7 +168,7 @@ def test_upload_in_chunks_is_stored_verified_and_accounted(served: Served) -> No
     assert usage.bytes_moved == len(DATA)
     assert usage.request_messages == 1 + len(chunks)
     assert usage.response_messages == 1
-    assert steps(env) == COMPLETED_STEPS
+    assert transitions(env) == COMPLETED_PATH
 
 
 def test_empty_upload(served: Served) -> None:
@@ -399,13 +383,13 @@ def test_download_streams_the_object_back_exactly(served: Served) -> None:
         {"path": "runs/2026/model.bin"},
     )
     assert env.requested == Resources(bytes=len(DATA))
-    grant = backend_grant(env)
+    grant = only_grant(env, BACKEND)
     assert grant.resources == Resources(bytes=len(DATA))
     assert grant.outcome == DecisionOutcome.DECISION_OUTCOME_ADMITTED
     assert (env.binding.node, env.binding.region) == ("lake-eu", "eu-west-1")
     assert env.outcome.usage.bytes_moved == len(DATA)
     assert env.outcome.usage.response_messages == len(responses)
-    assert steps(env) == COMPLETED_STEPS
+    assert transitions(env) == COMPLETED_PATH
 
 
 def test_download_without_declared_size_widens_the_grant(served: Served) -> None:
@@ -415,7 +399,7 @@ def test_download_without_declared_size_widens_the_grant(served: Served) -> None
     assert responses[1].chunk == b"hello world"
     env = served.envelope()
     assert not env.requested.HasField("bytes")
-    grant = backend_grant(env)
+    grant = only_grant(env, BACKEND)
     assert grant.resources == Resources(bytes=11)
     assert (grant.outcome, grant.reason_code) == (DecisionOutcome.DECISION_OUTCOME_WIDENED, "OBJECT_SIZE")
     assert env.outcome.usage.bytes_moved == 11
@@ -482,7 +466,7 @@ def test_copy_between_stores_records_bytes_moved_and_binding(served: Served) -> 
     }
     assert (env.scope.region, env.scope.data_classification) == ("us-east-1", CONFIDENTIAL)
     assert env.requested == Resources(bytes=len(DATA))
-    assert backend_grant(env).outcome == DecisionOutcome.DECISION_OUTCOME_ADMITTED
+    assert only_grant(env, BACKEND).outcome == DecisionOutcome.DECISION_OUTCOME_ADMITTED
     binding = env.binding
     assert (binding.node, binding.endpoint, binding.region) == (
         "lake-us",
@@ -496,7 +480,7 @@ def test_copy_between_stores_records_bytes_moved_and_binding(served: Served) -> 
         "source_region": "eu-west-1",
     }
     assert env.outcome.usage.bytes_moved == len(DATA)
-    assert steps(env) == COMPLETED_STEPS
+    assert transitions(env) == COMPLETED_PATH
 
 
 @pytest.mark.parametrize(

@@ -30,19 +30,12 @@ from services._runtime import start
 from services.evaluation._catalog import builtin
 from services.evaluation.v1 import evaluation_pb2 as pb
 from services.evaluation.v1 import evaluation_pb2_grpc as pb_grpc
-from tests.conftest import Collector, error_info
+from tests.conftest import COMPLETED_PATH, Collector, error_info, only_grant, transitions
 
 CATALOG = builtin()
 NODE = "eval-node-1"
 S = LifecycleState
-COMPLETED_STEPS = [
-    S.LIFECYCLE_STATE_RECEIVED,
-    S.LIFECYCLE_STATE_NORMALIZED,
-    S.LIFECYCLE_STATE_ADMITTED,
-    S.LIFECYCLE_STATE_GRANTED,
-    S.LIFECYCLE_STATE_BOUND,
-    S.LIFECYCLE_STATE_COMPLETED,
-]
+BACKEND = GrantStage.GRANT_STAGE_BACKEND
 
 
 class Served:
@@ -125,15 +118,6 @@ def close_to(expected: Mapping[str, float]) -> Any:
     return pytest.approx(dict(expected), rel=1e-12, abs=1e-12)
 
 
-def steps(env: ExecutionEnvelope) -> list[int]:
-    return [t.to for t in env.lifecycle.transitions]
-
-
-def backend_grant(env: ExecutionEnvelope) -> Any:
-    (grant,) = [g for g in env.grants if g.stage == GrantStage.GRANT_STAGE_BACKEND]
-    return grant
-
-
 # -- tests ------------------------------------------------------------------------------------------
 
 
@@ -188,7 +172,7 @@ def test_classification_evaluated_for_real_with_progress_per_batch(serve: Callab
     assert env.requested == Resources(
         accelerator_count=2, accelerator_type="nvidia-a100", concurrency=16, duration_ms=60_000
     )
-    grant = backend_grant(env)
+    grant = only_grant(env, BACKEND)
     assert grant.resources == Resources(accelerator_count=0, concurrency=16, duration_ms=60_000)
     assert grant.outcome == DecisionOutcome.DECISION_OUTCOME_NARROWED
     assert grant.reason_code == "NO_ACCELERATORS"
@@ -201,7 +185,7 @@ def test_classification_evaluated_for_real_with_progress_per_batch(serve: Callab
         "dataset": "iris-like",
         "device": "cpu",
     }
-    assert steps(env) == COMPLETED_STEPS
+    assert transitions(env) == COMPLETED_PATH
     assert env.outcome.status_code == 0
     assert env.outcome.usage.request_messages == 1
     assert env.outcome.usage.response_messages == 8
@@ -231,11 +215,11 @@ def test_regression_with_default_batch_widens_concurrency(serve: Callable[..., S
     env = served.envelope()
     assert env.execution.target.version == "1"
     assert env.requested == Resources()
-    grant = backend_grant(env)
+    grant = only_grant(env, BACKEND)
     assert grant.resources == Resources(concurrency=32)
     assert grant.outcome == DecisionOutcome.DECISION_OUTCOME_WIDENED
     assert grant.reason_code == "DEFAULT_BATCH"
-    assert steps(env) == COMPLETED_STEPS
+    assert transitions(env) == COMPLETED_PATH
 
 
 def test_batch_above_the_backend_limit_is_narrowed(serve: Callable[..., Served]) -> None:
@@ -245,7 +229,7 @@ def test_batch_above_the_backend_limit_is_narrowed(serve: Callable[..., Served])
     )
     assert [r.progress.samples_done for r in responses[:-1]] == [10, 20, 30]
     env = served.envelope()
-    grant = backend_grant(env)
+    grant = only_grant(env, BACKEND)
     assert env.requested.concurrency == 50
     assert grant.resources.concurrency == 10
     assert (grant.outcome, grant.reason_code) == (DecisionOutcome.DECISION_OUTCOME_NARROWED, "BATCH_LIMITED")
@@ -282,7 +266,7 @@ def test_evaluation_past_its_granted_duration_is_stopped(serve: Callable[..., Se
     env = served.envelope()
     assert env.lifecycle.state == S.LIFECYCLE_STATE_CANCELLED
     assert env.outcome.status_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-    assert backend_grant(env).resources.duration_ms == 1_500
+    assert only_grant(env, BACKEND).resources.duration_ms == 1_500
 
 
 PUBLIC = DataClassification.DATA_CLASSIFICATION_PUBLIC
@@ -372,5 +356,5 @@ def test_confidential_dataset_evaluated_when_declared(serve: Callable[..., Serve
     assert responses[-1].result.metrics["accuracy"] == expected
     env = served.envelope()
     assert env.scope.data_classification == DataClassification.DATA_CLASSIFICATION_CONFIDENTIAL
-    assert backend_grant(env).outcome == DecisionOutcome.DECISION_OUTCOME_ADMITTED
-    assert steps(env) == COMPLETED_STEPS
+    assert only_grant(env, BACKEND).outcome == DecisionOutcome.DECISION_OUTCOME_ADMITTED
+    assert transitions(env) == COMPLETED_PATH

@@ -33,7 +33,7 @@ from envelope_grpc.v1.envelope_pb2 import (
 )
 from services import _runtime, inference
 from services.inference import extract, models, tensors
-from tests.conftest import Collector
+from tests.conftest import Collector, first_grant
 
 INFER = extract.MODEL_INFER
 KIND = ExecutionKind
@@ -160,10 +160,6 @@ def features_input(x: np.ndarray) -> tgrpc.InferInput:
     tensor = tgrpc.InferInput("features", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     return tensor
-
-
-def grant(env: ExecutionEnvelope, stage: int) -> Any:
-    return next(g for g in env.grants if g.stage == stage)
 
 
 # -- probes and metadata ---------------------------------------------------------------
@@ -308,7 +304,7 @@ def test_text_embedder(served: Served, client: tgrpc.InferenceServerClient) -> N
     assert first.outcome.usage.tokens == 3 + 0 + 8
     assert [g.stage for g in first.grants] == [GrantStage.GRANT_STAGE_ADMISSION]  # no tokens asked: no grant
     assert second.requested.tokens == 2 * 3
-    backend = grant(second, GrantStage.GRANT_STAGE_BACKEND)
+    backend = first_grant(second, GrantStage.GRANT_STAGE_BACKEND)
     assert (backend.outcome, backend.resources.tokens) == (OUTCOME.DECISION_OUTCOME_ADMITTED, 6)
     assert second.outcome.usage.tokens == 4
 
@@ -335,12 +331,12 @@ def test_tiny_lm_tokens(served: Served, client: tgrpc.InferenceServerClient) -> 
     assert first.principal.tenant == "acme"
     assert first.requested.tokens == 3
     assert first.outcome.usage.tokens == 3
-    backend = grant(first, GrantStage.GRANT_STAGE_BACKEND)
+    backend = first_grant(first, GrantStage.GRANT_STAGE_BACKEND)
     assert (backend.outcome, backend.resources.tokens) == (OUTCOME.DECISION_OUTCOME_ADMITTED, 3)
     assert backend.resources.bytes == first.requested.bytes == 4 + len(prompt)
 
     assert second.requested.tokens == 1000
-    narrowed = grant(second, GrantStage.GRANT_STAGE_BACKEND)
+    narrowed = first_grant(second, GrantStage.GRANT_STAGE_BACKEND)
     assert narrowed.outcome == OUTCOME.DECISION_OUTCOME_NARROWED
     assert narrowed.resources.tokens == models.TinyLm.token_limit
     assert narrowed.reason_code == "MODEL_MAX_TOKENS"
@@ -373,7 +369,7 @@ def test_tiny_lm_batch_and_admission_narrowing() -> None:
         assert env.execution.target.attributes["batch_size"] == "2"
         assert env.requested.tokens == 20
         assert env.decision.outcome == OUTCOME.DECISION_OUTCOME_NARROWED
-        backend = grant(env, GrantStage.GRANT_STAGE_BACKEND)
+        backend = first_grant(env, GrantStage.GRANT_STAGE_BACKEND)
         assert (backend.outcome, backend.resources.tokens) == (OUTCOME.DECISION_OUTCOME_NARROWED, 8)
         assert backend.reason_code == env.decision.reason_code != ""
         assert env.outcome.usage.tokens == sum(len(e) for e in expected)
