@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from envelope_grpc import _envelope as model
-from envelope_grpc._ledger_pgtemp import PostgresUnavailable, TemporaryPostgres
 from envelope_grpc.ledger import LedgerError, LedgerSink, open_ledger
+from envelope_grpc.testing.postgres import PostgresUnavailable, TemporaryPostgres
 from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope, Resources
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,7 +28,6 @@ import pytest
 
 from envelope_grpc import EnvelopeConfig, Limit, LimitsPolicy
 from envelope_grpc import _envelope as model
-from envelope_grpc._ledger_pgtemp import PostgresUnavailable, TemporaryPostgres
 from envelope_grpc._ledger_sql import _LOCK
 from envelope_grpc._sinks import WriteAheadSink
 from envelope_grpc.ledger import (
@@ -42,6 +41,7 @@ from envelope_grpc.ledger import (
     TenantRates,
     open_ledger,
 )
+from envelope_grpc.testing.postgres import PostgresUnavailable, TemporaryPostgres
 from envelope_grpc.testing.v1 import testing_pb2 as pb
 from envelope_grpc.testing.v1 import testing_pb2_grpc as pb_grpc
 from envelope_grpc.v1.envelope_pb2 import (
