@@ -7,9 +7,6 @@ import gc
 import hashlib
 import math
 import pathlib
-import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,6 +33,7 @@ from services.data_movement import Stores
 from services.data_movement.v1 import data_movement_pb2 as pb
 from services.data_movement.v1 import data_movement_pb2_grpc as pb_grpc
 from tests.conftest import COMPLETED_PATH, Collector, error_info, only_grant, transitions
+from tests.services._python_m import python_m, stop_with_sigterm
 
 S = LifecycleState
 BACKEND = GrantStage.GRANT_STAGE_BACKEND
@@ -529,18 +527,8 @@ def test_default_root_is_a_temporary_directory_removed_with_its_stores() -> None
 
 
 def test_python_m_serves_stores_under_root(tmp_path: pathlib.Path) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.data_movement", "--root", str(tmp_path), "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=pathlib.Path(__file__).resolve().parents[2],
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        match = re.match(r"data_movement serving on (127\.0\.0\.1:\d+)", line)
-        assert match, line
-        with grpc.insecure_channel(match.group(1)) as channel:
+    with python_m("data_movement", "--root", str(tmp_path)) as (process, address):
+        with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.DataMovementServiceStub(channel)
             data = b"over the command line"
             messages = [
@@ -556,8 +544,4 @@ def test_python_m_serves_stores_under_root(tmp_path: pathlib.Path) -> None:
             ]
             assert stub.Upload(iter(messages), timeout=30).size_bytes == len(data)
         assert (tmp_path / "scratch" / "x.txt").read_bytes() == data
-    finally:
-        process.terminate()
-        assert process.wait(timeout=30) == 0
-        if process.stdout is not None:
-            process.stdout.close()
+        assert stop_with_sigterm(process) == 0

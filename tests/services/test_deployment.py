@@ -6,13 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import re
-import selectors
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -65,6 +60,7 @@ from services.deployment.placement import (
 from services.deployment.v1 import deployment_pb2 as pb
 from services.deployment.v1 import deployment_pb2_grpc as pb_grpc
 from tests.conftest import Collector, error_info, refused
+from tests.services._python_m import python_m, stop_with_sigterm
 
 GiB = 1 << 30
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -1095,52 +1091,11 @@ def test_the_servicer_runs_without_the_envelope_interceptor() -> None:
 # -- python -m services.deployment -----------------------------------------------------------
 
 
-def stop_with_sigterm(process: subprocess.Popen[str], *, attempts: int = 3, wait: float = 5.0) -> int:
-    """SIGTERM ``process`` and return its exit code, within attempts x wait seconds.
-
-    The signal is sent again when the process is still alive after ``wait``:
-    services._runtime.main waits on ``threading.Event().wait()`` with no
-    timeout, and when the kernel delivers SIGTERM to one of grpc's threads the
-    main thread never wakes to run the Python handler (seen about once in 40
-    starts). A second SIGTERM has always ended it.
-    """
-    for _ in range(attempts):
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-    raise AssertionError(f"the service ignored {attempts} SIGTERMs")
-
-
 def test_python_m_serves_answers_health_and_stops_on_sigterm() -> None:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.deployment", "--port", "0"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            assert selector.select(timeout=30), "the service printed nothing within 30 s"
-        line = process.stdout.readline()
-        found = re.fullmatch(r"deployment serving on 127\.0\.0\.1:(\d+)\n", line)
-        assert found, line
-        with grpc.insecure_channel(f"127.0.0.1:{found.group(1)}") as channel:
+    with python_m("deployment") as (process, address):
+        with grpc.insecure_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10
             )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         assert stop_with_sigterm(process) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
