@@ -30,13 +30,14 @@ import re
 import socket
 from collections.abc import Iterator, Mapping
 from concurrent import futures
-from typing import Final, NoReturn
+from typing import Final
 
 import grpc
 from opentelemetry.trace import TracerProvider
 
 import envelope_grpc
-from envelope_grpc.v1.envelope_pb2 import Binding, ExecutionEnvelope, GrantStage, Resources, Usage
+from envelope_grpc.v1.envelope_pb2 import Binding, ExecutionEnvelope, Resources, Usage
+from services._handler import abort, admission_grant
 from services.agent.tools import InferenceTools, ToolError, ToolResult
 from services.agent.v1 import agent_pb2, agent_pb2_grpc
 from services.agent.v1.agent_pb2 import RunWorkflowRequest, RunWorkflowResponse, Step, StepKind, StepStatus
@@ -72,7 +73,6 @@ _STOPWORDS: Final = frozenset(
     {"a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "how", "in", "into", "is", "it"}
     | {"of", "on", "or", "that", "the", "this", "to", "what", "why", "with"}
 )
-_ADMISSION: Final = GrantStage.GRANT_STAGE_ADMISSION
 
 
 class WorkflowError(Exception):
@@ -148,7 +148,7 @@ def make_plan(request: RunWorkflowRequest, env: ExecutionEnvelope | None) -> Pla
     budget = request.budget
     tool_calls = budget.max_tool_calls if budget.HasField("max_tool_calls") else steps
 
-    admission = next((g for g in env.grants if g.stage == _ADMISSION), None) if env is not None else None
+    admission = admission_grant(env)
     granted = Resources()
     if admission is not None:
         granted.CopyFrom(admission.resources)
@@ -241,7 +241,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         try:
             plan = make_plan(request, env)
         except WorkflowError as error:
-            _abort(context, error.code, error.message)
+            abort(context, error.code, error.message)
         if env is not None:
             envelope_grpc.record_grant(plan.granted, reason_code=plan.reason_code, reason=plan.reason)
             envelope_grpc.record_binding(
@@ -273,7 +273,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             failures = "; ".join(
                 f"step {s.index}: {s.reason_code} {s.reason}" for s in tools if s.status == FAILED
             )
-            _abort(context, grpc.StatusCode.UNAVAILABLE, f"every tool call failed ({failures})")
+            abort(context, grpc.StatusCode.UNAVAILABLE, f"every tool call failed ({failures})")
         yield RunWorkflowResponse(
             envelope_id=env.envelope_id if env is not None else "",
             workflow=plan.workflow,
@@ -361,8 +361,3 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         step.envelope_id = result.envelope_id
         step.tokens_used = result.tokens  # as reported: the model honours max_tokens
         return step
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
-    context.abort(code, details)
-    raise AssertionError("unreachable: abort raises")  # pragma: no cover

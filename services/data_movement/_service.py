@@ -42,6 +42,7 @@ import grpc
 
 import envelope_grpc
 from envelope_grpc.v1.envelope_pb2 import Binding, DataClassification, LifecycleState, Resources, Usage
+from services import _handler
 from services.data_movement import _stores
 from services.data_movement._stores import Store, Stores
 from services.data_movement.v1 import data_movement_pb2 as pb
@@ -78,11 +79,9 @@ def refuse(
 ) -> NoReturn:
     """Refuse the request before any backend grant: REJECTED with ``reason_code``
     (and ``moved`` bytes recorded when some already travelled)."""
-    if envelope_grpc.current_envelope() is None:  # served without the envelope interceptor
-        context.abort(code, message)
     if moved is not None:
         record_moved(moved)
-    context.abort_with_status(envelope_grpc.reject(reason_code, message, code))
+    _handler.refuse(context, reason_code, message, code)
 
 
 def grant_and_bind(size: int, binding: Binding) -> None:
@@ -90,29 +89,23 @@ def grant_and_bind(size: int, binding: Binding) -> None:
     env = envelope_grpc.current_envelope()
     if env is None:
         return
-    admission = env.grants[0] if env.grants else None
+    admission = _handler.admission_grant(env)
     granted = Resources()
     granted.CopyFrom(admission.resources if admission is not None else env.requested)
     granted.bytes = size
-    reasons: list[tuple[str, str]] = []
-    if admission is not None and admission.reason_code:
-        reasons.append((admission.reason_code, admission.reason or "as granted at admission"))
+    reasons = []
     if not env.requested.HasField("bytes"):
         reasons.append(("OBJECT_SIZE", f"the object's size, {size} bytes; the request declared none"))
-    envelope_grpc.record_grant(
-        granted,
-        reason_code=reasons[0][0] if reasons else "",
-        reason="; ".join(words for _, words in reasons),
-    )
+    _handler.record_backend_grant(env, granted, reasons)
     envelope_grpc.record_binding(binding)
 
 
 def _admitted_bytes() -> int | None:
     """The bytes admission granted, when it granted a number."""
-    env = envelope_grpc.current_envelope()
-    if env is None or not env.grants or not env.grants[0].resources.HasField("bytes"):
+    admission = _handler.admission_grant(envelope_grpc.current_envelope())
+    if admission is None or not admission.resources.HasField("bytes"):
         return None
-    return int(env.grants[0].resources.bytes)
+    return int(admission.resources.bytes)
 
 
 def _binding(store: Store, path: str, **attributes: str) -> Binding:

@@ -16,13 +16,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import grpc
 
 import envelope_grpc
 from envelope_grpc import ExtractorRegistry
-from envelope_grpc.v1.envelope_pb2 import Binding, ExecutionEnvelope, Grant, GrantStage, Resources, Usage
+from envelope_grpc.v1.envelope_pb2 import Binding, ExecutionEnvelope, Resources, Usage
+from services._handler import admission_grant, refuse
 from services.deployment.placement import (
     QUANTITY_FIELDS,
     Adjustment,
@@ -55,8 +56,6 @@ STATUS_CODES: Final = {
 RUNNING: Final = pb.DeploymentState.DEPLOYMENT_STATE_RUNNING
 STOPPED: Final = pb.DeploymentState.DEPLOYMENT_STATE_STOPPED
 EXPIRED: Final = pb.DeploymentState.DEPLOYMENT_STATE_EXPIRED
-
-_ADMISSION: Final = GrantStage.GRANT_STAGE_ADMISSION
 
 
 def quantities(resources: Resources) -> Quantities:
@@ -91,12 +90,6 @@ def requested_resources(request: pb.DeployModelRequest) -> Resources:
     return _deploy_extractor()(request).requested
 
 
-def _admission_grant(env: ExecutionEnvelope | None) -> Grant | None:
-    if env is None:
-        return None
-    return next((g for g in env.grants if g.stage == _ADMISSION), None)
-
-
 @dataclasses.dataclass(slots=True)
 class _Record:
     deployment: pb.Deployment
@@ -125,7 +118,7 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
     ) -> pb.DeployModelResponse:
         env = envelope_grpc.current_envelope()
         requested = env.requested if env is not None else requested_resources(request)
-        admitted = _admission_grant(env)
+        admitted = admission_grant(env)
         ceiling = admitted.resources if admitted is not None else None
         ask = Ask(
             model=request.model_id,
@@ -139,7 +132,7 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
         try:
             placement = self._place(deployment_id, ask, ceiling, request, env)
         except PlacementError as refused:
-            _refuse(context, STATUS_CODES[refused.refusal], refused.reason_code, refused.message)
+            refuse(context, refused.reason_code, refused.message, STATUS_CODES[refused.refusal])
         try:
             reason = self._record(env, placement)
         except BaseException:
@@ -209,7 +202,7 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
         if granted == env.requested:
             envelope_grpc.record_grant(granted)
         else:
-            admitted = _admission_grant(env)
+            admitted = admission_grant(env)
             extra = []
             if admitted is not None and admitted.resources != env.requested:
                 policy = env.decision.deciding_policy
@@ -252,17 +245,15 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
     ) -> pb.ListDeploymentsResponse:
         size = request.page_size or DEFAULT_PAGE_SIZE
         if not 0 < size <= MAX_PAGE_SIZE:
-            _refuse(
+            refuse(
                 context,
-                grpc.StatusCode.INVALID_ARGUMENT,
                 "INVALID_REQUEST",
                 f"page_size must be within 1..{MAX_PAGE_SIZE}",
+                grpc.StatusCode.INVALID_ARGUMENT,
             )
         token = request.page_token
         if token and not token.isdigit():
-            _refuse(
-                context, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", "page_token is not valid"
-            )
+            refuse(context, "INVALID_PAGE_TOKEN", "page_token is not valid", grpc.StatusCode.INVALID_ARGUMENT)
         offset = int(token or 0)
         with self._lock:
             self._reap()
@@ -291,16 +282,16 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
 
     def _find(self, deployment_id: str, context: grpc.ServicerContext) -> _Record:
         if not deployment_id:
-            _refuse(
-                context, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", "a deployment id is required"
+            refuse(
+                context, "INVALID_REQUEST", "a deployment id is required", grpc.StatusCode.INVALID_ARGUMENT
             )
         found = self._deployments.get(deployment_id)
         if found is None:
-            _refuse(
+            refuse(
                 context,
-                grpc.StatusCode.NOT_FOUND,
                 "DEPLOYMENT_NOT_FOUND",
                 f"no deployment {deployment_id}",
+                grpc.StatusCode.NOT_FOUND,
             )
         return found
 
@@ -315,11 +306,3 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
             ):
                 record.deployment.state = EXPIRED
                 self.engine.release(key)
-
-
-def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, reason_code: str, message: str) -> NoReturn:
-    """Abort the call: rejected in its envelope (an ErrorInfo carries the
-    reason), or a plain status without the envelope interceptor."""
-    if envelope_grpc.current_envelope() is not None:
-        context.abort_with_status(envelope_grpc.reject(reason_code, message, code))
-    context.abort(code, message)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Final, NoReturn
+from typing import Final
 
 import grpc
 import numpy as np
 
 import envelope_grpc
 from envelope_grpc.v1.envelope_pb2 import Binding, DataClassification, Resources, Usage
+from services._handler import admission_grant, record_backend_grant, refuse
 from services.evaluation import _metrics
 from services.evaluation._catalog import Catalog, Dataset, Model
 from services.evaluation.v1 import evaluation_pb2 as pb
@@ -41,13 +42,6 @@ DEFAULT_BATCH: Final = 32
 MAX_BATCH: Final = 256
 _PUBLIC: Final = DataClassification.DATA_CLASSIFICATION_PUBLIC
 _INVALID: Final = grpc.StatusCode.INVALID_ARGUMENT
-
-
-def refuse(context: grpc.ServicerContext, reason_code: str, message: str, code: grpc.StatusCode) -> NoReturn:
-    """Refuse the request before any grant: REJECTED with ``reason_code``."""
-    if envelope_grpc.current_envelope() is None:  # served without the envelope interceptor
-        context.abort(code, message)
-    context.abort_with_status(envelope_grpc.reject(reason_code, message, code))
 
 
 def backend_grant(
@@ -161,20 +155,14 @@ class EvaluationServicer(pb_grpc.EvaluationServiceServicer):
             batch = request.batch_size if request.HasField("batch_size") else self.default_batch
             timeout = request.timeout_ms if request.HasField("timeout_ms") else None
             return min(batch, self.max_batch), timeout
-        admission = env.grants[0] if env.grants else None
+        admission = admission_grant(env)
         granted, reasons = backend_grant(
             env.requested,
             admission.resources if admission is not None else None,
             max_batch=self.max_batch,
             default_batch=self.default_batch,
         )
-        if admission is not None and admission.reason_code:
-            reasons.insert(0, (admission.reason_code, admission.reason or "as granted at admission"))
-        envelope_grpc.record_grant(
-            granted,
-            reason_code=reasons[0][0] if reasons else "",
-            reason="; ".join(words for _, words in reasons),
-        )
+        record_backend_grant(env, granted, reasons)
         envelope_grpc.record_binding(
             Binding(
                 node=self.node,

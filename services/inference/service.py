@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 import envelope_grpc
-from envelope_grpc.v1.envelope_pb2 import Binding, GrantStage, Resources, Usage
+from envelope_grpc.v1.envelope_pb2 import Binding, Resources, Usage
+from services._handler import abort, admission_grant
 from services.inference.extract import int_parameter
 from services.inference.models import Array, Model, Repository, TensorSpec, default_repository
 from services.inference.tensors import TensorError, decode_inputs, encode_output
 
 SERVER_NAME: Final = "envelope-grpc-inference"
 SERVER_VERSION: Final = "1.0"
-_STAGE_ADMISSION: Final = GrantStage.GRANT_STAGE_ADMISSION
 
 
 def _shape(shape: tuple[int, ...] | list[int]) -> str:
@@ -135,7 +135,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             batch = check_inputs(model, request, inputs)
             outputs = requested_outputs(model, request)
         except TensorError as error:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         max_tokens = self._max_tokens(model, request, batch, context)
         if envelope_grpc.current_envelope() is not None:
             envelope_grpc.record_binding(
@@ -163,12 +163,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             return model
         known = self.repository.versions(name)
         if not known:
-            _abort(
+            abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown model '{name}'; models: {', '.join(self.repository.names())}",
             )
-        _abort(
+        abort(
             context,
             grpc.StatusCode.NOT_FOUND,
             f"model '{name}' has no version '{version}'; versions: {', '.join(known)}",
@@ -185,17 +185,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         asked = int_parameter(request.parameters, "max_tokens")
         if asked is None:
             if "max_tokens" in request.parameters:
-                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "parameter 'max_tokens' must be an integer")
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, "parameter 'max_tokens' must be an integer")
             return model.default_tokens
         if asked < 0:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"parameter 'max_tokens' is negative ({asked})")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"parameter 'max_tokens' is negative ({asked})")
         per_input = min(asked, limit)
         env = envelope_grpc.current_envelope()
         if env is None:
             return per_input
         # The grant starts from what admission granted; a reason is kept only
         # when the grant differs from the request.
-        admission = next((grant for grant in env.grants if grant.stage == _STAGE_ADMISSION), None)
+        admission = admission_grant(env)
         granted = Resources()
         granted.CopyFrom(admission.resources if admission is not None else env.requested)
         reason_code, reason = "MAX_TOKENS_APPLIED", f"{per_input} tokens for each of {batch} inputs"
@@ -213,8 +213,3 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         granted.tokens = per_input * batch
         envelope_grpc.record_grant(granted, reason_code=reason_code, reason=reason)
         return per_input
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
-    context.abort(code, details)
-    raise AssertionError("unreachable: abort raises")  # pragma: no cover
