@@ -207,7 +207,8 @@ class EvaluationServicer(pb_grpc.EvaluationServiceServicer):
                     batch=index, samples_done=end, samples_total=total, metrics=values
                 )
             )
-        envelope_grpc.record_usage(Usage(items=total))
+        if envelope_grpc.current_envelope() is not None:  # else served without the envelope interceptor
+            envelope_grpc.record_usage(Usage(items=total))
         yield pb.EvaluateModelResponse(
             result=pb.EvaluationResult(
                 model=request.model,

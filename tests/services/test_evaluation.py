@@ -358,3 +358,33 @@ def test_confidential_dataset_evaluated_when_declared(serve: Callable[..., Serve
     assert env.scope.data_classification == DataClassification.DATA_CLASSIFICATION_CONFIDENTIAL
     assert only_grant(env, BACKEND).outcome == DecisionOutcome.DECISION_OUTCOME_ADMITTED
     assert transitions(env) == COMPLETED_PATH
+
+
+def test_the_servicer_runs_without_the_envelope_interceptor() -> None:
+    from concurrent import futures
+
+    plain = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    for service in services.evaluation.services(node=NODE):
+        service.register(plain)
+    port = plain.add_insecure_port("127.0.0.1:0")
+    plain.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EvaluationServiceStub(channel)
+            request = pb.EvaluateModelRequest(
+                model="iris-centroid",
+                dataset="iris-like",
+                metrics=["accuracy"],
+                sample_limit=40,
+                batch_size=16,
+            )
+            *progress, last = stub.EvaluateModel(request, timeout=30)
+            assert [p.progress.samples_done for p in progress] == [16, 32, 40]
+            assert last.result.samples_evaluated == 40
+            with pytest.raises(grpc.RpcError) as caught:
+                list(
+                    stub.EvaluateModel(pb.EvaluateModelRequest(model="nope", dataset="iris-like"), timeout=30)
+                )
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        plain.stop(None).wait()
