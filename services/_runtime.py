@@ -9,7 +9,7 @@ import dataclasses
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -20,19 +20,18 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 import envelope_grpc
-from envelope_grpc import EnvelopeConfig, ExtractorRegistry
+from envelope_grpc import EnvelopeConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Service:
     """One gRPC service: its full name, how to add it to a server, the
-    function extractors it needs for protos it does not own, rules for
-    methods that build no envelope (probes), and what to close on stop."""
+    function extractors it needs for protos it does not own, and what to
+    close on stop."""
 
     name: str
     register: Callable[[grpc.Server], None]
     extractors: Sequence[tuple[str, envelope_grpc.Extractor]] = ()
-    rules: Mapping[str, envelope_grpc.Action] = dataclasses.field(default_factory=dict)
     close: Callable[[], None] | None = None
 
 
@@ -111,8 +110,6 @@ def start(
     for service in services:
         for method, extractor in service.extractors:
             config.extractors.register(method, extractor)
-        for pattern, action in service.rules.items():
-            config.extractors.set_rule(pattern, action)
     interceptors = envelope_grpc.server_interceptors(config, tracer_provider=provider)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors)
     status = health.HealthServicer()
@@ -166,7 +163,7 @@ def main(
         options(parser)
     args = parser.parse_args(argv)
     sinks = [envelope_grpc.JsonLinesSink(args.audit)] if args.audit else []
-    config = EnvelopeConfig(extractors=ExtractorRegistry(), sinks=sinks, trust_peer=trusted_loopback)
+    config = EnvelopeConfig(sinks=sinks, trust_peer=trusted_loopback)
     provider = tracer_provider(f"envelope-grpc-{name}")
     try:
         running = start(build(args, provider), config, provider=provider, port=args.port)

@@ -33,5 +33,6 @@ def services(
         Service(
             name=SERVICE,
             register=lambda server: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server),
+            close=servicer.tools.close,
         )
     ]

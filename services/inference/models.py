@@ -77,7 +77,6 @@ class Model(abc.ABC):
 
 # -- iris ------------------------------------------------------------------------
 
-IRIS_CLASSES: Final = ("setosa", "versicolor", "virginica")
 
 #: Version 1: logistic regression, logits = features @ IRIS_LR_WEIGHTS.T + IRIS_LR_BIAS.
 IRIS_LR_WEIGHTS: Final[F64] = np.array(

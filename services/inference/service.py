@@ -152,9 +152,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         response = service_pb2.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
-        specs = {spec.name: spec for spec in model.outputs}
         for spec in outputs:
-            encode_output(response, spec.name, specs[spec.name].datatype, result.outputs[spec.name])
+            encode_output(response, spec.name, spec.datatype, result.outputs[spec.name])
         return response
 
     def _model(self, name: str, version: str, context: grpc.ServicerContext) -> Model:

@@ -16,24 +16,6 @@ import numpy as np
 
 from services.inference.models import Array
 
-#: Element size in bytes of every fixed-size datatype.
-DATATYPE_SIZES: Final[dict[str, int]] = {
-    "BOOL": 1,
-    "UINT8": 1,
-    "UINT16": 2,
-    "UINT32": 4,
-    "UINT64": 8,
-    "INT8": 1,
-    "INT16": 2,
-    "INT32": 4,
-    "INT64": 8,
-    "FP16": 2,
-    "FP32": 4,
-    "FP64": 8,
-}
-#: Every datatype this server decodes.
-DATATYPES: Final = frozenset({*DATATYPE_SIZES, "BYTES"})
-
 _NUMPY: Final[dict[str, str]] = {
     "BOOL": "?",
     "UINT8": "<u1",
@@ -48,6 +30,10 @@ _NUMPY: Final[dict[str, str]] = {
     "FP32": "<f4",
     "FP64": "<f8",
 }
+#: Element size in bytes of every fixed-size datatype.
+DATATYPE_SIZES: Final[dict[str, int]] = {name: np.dtype(code).itemsize for name, code in _NUMPY.items()}
+#: Every datatype this server decodes.
+DATATYPES: Final = frozenset({*DATATYPE_SIZES, "BYTES"})
 #: The InferTensorContents field holding each datatype (FP16 only travels raw).
 _CONTENTS: Final[dict[str, str]] = {
     "BOOL": "bool_contents",
