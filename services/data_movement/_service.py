@@ -118,6 +118,17 @@ def _binding(store: Store, path: str, **attributes: str) -> Binding:
     )
 
 
+def _publish(context: grpc.ServicerContext, staged: pathlib.Path, file: pathlib.Path, relative: str) -> bool:
+    """Move a staged file into place, making its directory; True once it is
+    there, FAILED_PRECONDITION when it cannot be."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, file)
+    except OSError as error:
+        _handler.abort(context, _PRECONDITION, f"cannot write {relative!r}: {error.strerror}")
+    return True
+
+
 def _discard(path: pathlib.Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -281,17 +292,11 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                     moved=received,
                 )
             grant_and_bind(received, _binding(store, relative, source=header.source[:512]))
-            try:
-                file.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staged, file)
-            except OSError as error:
-                context.abort(_PRECONDITION, f"cannot write {relative!r}: {error.strerror}")
-            kept = True
-            record_moved(received)
+            kept = _publish(context, staged, file, relative)
         finally:
             if not kept:
                 _discard(staged)
-                record_moved(received)
+            record_moved(received)
         return pb.UploadResponse(
             store=store.name, path=relative, size_bytes=received, sha256=actual, chunks=chunks
         )
@@ -354,12 +359,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                         digest.update(block)
                         out.write(block)
                         copied += len(block)
-                try:
-                    file.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(staged, file)
-                except OSError as error:
-                    context.abort(_PRECONDITION, f"cannot write {target!r}: {error.strerror}")
-                kept = True
+                kept = _publish(context, staged, file, target)
             finally:
                 if not kept:
                     _discard(staged)
