@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from benchmarks import _service
@@ -104,19 +104,24 @@ def drive(call: Call, mode: str, *, concurrency: int, max_calls: int, max_second
     return _concurrent(call, concurrency, max_calls, max_seconds)
 
 
-def _sequential(call: Call, max_calls: int, max_seconds: float) -> Run:
+def _timed(call: Call, turns: Iterable[object], deadline: int, latencies: list[int]) -> None:
+    """One call per turn, each one's latency recorded, until the turns run
+    out or a call ends after ``deadline`` (perf_counter_ns)."""
     clock = time.perf_counter_ns
-    latencies: list[int] = []
-    started = clock()
-    deadline = started + int(max_seconds * 1e9)
-    for _ in range(max_calls):
+    for _ in turns:
         before = clock()
         call()
         after = clock()
         latencies.append(after - before)
         if after >= deadline:
-            break
-    return Run(len(latencies), (clock() - started) / 1e9, latencies)
+            return
+
+
+def _sequential(call: Call, max_calls: int, max_seconds: float) -> Run:
+    latencies: list[int] = []
+    started = time.perf_counter_ns()
+    _timed(call, range(max_calls), started + int(max_seconds * 1e9), latencies)
+    return Run(len(latencies), (time.perf_counter_ns() - started) / 1e9, latencies)
 
 
 def _concurrent(call: Call, concurrency: int, max_calls: int, max_seconds: float) -> Run:
@@ -129,15 +134,9 @@ def _concurrent(call: Call, concurrency: int, max_calls: int, max_seconds: float
 
     def caller(latencies: list[int]) -> None:
         gate.wait()
-        deadline = clock() + budget
         try:
-            while next(tickets) < max_calls:
-                before = clock()
-                call()
-                after = clock()
-                latencies.append(after - before)
-                if after >= deadline:
-                    break
+            turns = itertools.takewhile(lambda ticket: ticket < max_calls, tickets)
+            _timed(call, turns, clock() + budget, latencies)
         except BaseException as error:
             errors.append(error)
 

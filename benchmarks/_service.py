@@ -130,24 +130,16 @@ def envelope_config() -> Any:
 
 
 def interceptors(flavour: str, config: str, provider: TracerProvider) -> list[Any]:
-    """The server interceptors of one configuration."""
+    """The server interceptors of one configuration: none, OpenTelemetry's
+    alone, or the whole chain of which OpenTelemetry's is the first."""
     if config == "bare":
         return []
-    if flavour == "grpc":
-        from opentelemetry.instrumentation.grpc import server_interceptor
-
-        import envelope_grpc
-
-        if config == "otel":
-            return [server_interceptor(tracer_provider=provider)]  # type: ignore[no-untyped-call]
-        return list(envelope_grpc.server_interceptors(envelope_config(), tracer_provider=provider))
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
+    import envelope_grpc
     import envelope_grpc.aio
 
-    if config == "otel":
-        return [aio_server_interceptor(tracer_provider=provider)]  # type: ignore[no-untyped-call]
-    return list(envelope_grpc.aio.server_interceptors(envelope_config(), tracer_provider=provider))
+    module: Any = envelope_grpc if flavour == "grpc" else envelope_grpc.aio
+    chain = list(module.server_interceptors(envelope_config(), tracer_provider=provider))
+    return chain[:1] if config == "otel" else chain
 
 
 # -- requests -----------------------------------------------------------------------
