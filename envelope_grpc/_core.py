@@ -493,6 +493,10 @@ class Core:
         """The audit dispatcher's counters, when sinks are configured."""
         return self.dispatcher.stats() if self.dispatcher is not None else None
 
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every envelope reported so far was handed to the sinks."""
+        return self.dispatcher.flush(timeout) if self.dispatcher is not None else True
+
     def close(self) -> None:
         """Flush and close the audit sinks."""
         if self.dispatcher is not None:

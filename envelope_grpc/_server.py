@@ -84,6 +84,11 @@ class InterceptorBase:
         """The audit dispatcher's counters (None without sinks)."""
         return self.core.sink_stats()
 
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every envelope reported so far was handed to the sinks
+        (servers that share sinks all flush before any of them closes)."""
+        return self.core.flush(timeout)
+
     def close(self) -> None:
         """Flush and close the audit sinks."""
         self.core.close()

@@ -34,10 +34,15 @@ class Backend:
         return self.running[name].address
 
     def stop(self) -> None:
-        """Stop every server (the agent first) and flush their audit sinks."""
-        for name in reversed(NAMES):
-            if name in self.running:
-                self.running.pop(name).stop(grace=1)
+        """Stop every server (the agent first), then flush every server's audit
+        queue before any closes the sinks they share."""
+        stopped = [self.running.pop(name) for name in reversed(NAMES) if name in self.running]
+        for running in stopped:
+            running.halt(grace=1)
+        for running in stopped:
+            running.interceptor.flush()
+        for running in stopped:
+            running.interceptor.close()
         if self.owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 

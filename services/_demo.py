@@ -250,7 +250,7 @@ def run(audit_path: str, out: IO[str] = sys.stdout, *, ledger: str | None = None
     try:
         Traffic(backend, secret).run()
     finally:
-        backend.stop()  # each server's dispatcher closes the shared sinks; the ledger drains first
+        backend.stop()  # every server's queue is written before the shared sinks close
         recorder.close()
         provider.shutdown()
     ordered = sorted(collected.envelopes, key=lambda env: env.lifecycle.start_time.ToNanoseconds())

@@ -89,11 +89,15 @@ class Running:
 
     def stop(self, grace: float | None = None) -> None:
         """Stop serving and flush the audit sinks."""
+        self.halt(grace)
+        self.interceptor.close()
+
+    def halt(self, grace: float | None = None) -> None:
+        """Stop serving and close the services; the audit sinks stay open."""
         self.server.stop(grace).wait()
         for service in self.services:
             if service.close is not None:
                 service.close()
-        self.interceptor.close()
 
 
 def start(

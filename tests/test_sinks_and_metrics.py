@@ -99,6 +99,17 @@ def test_sink_errors_never_fail_the_call(backend: Any) -> None:
     assert stats.failed == 1
 
 
+def test_flush_waits_until_every_envelope_reported_was_written(backend: Any) -> None:
+    blocking = Blocking()
+    server: Backend = backend(EnvelopeConfig(sinks=[blocking]))
+    for _ in range(3):
+        server.stub.Run(pb.RunRequest(model="m"))
+    assert server.interceptor.flush(timeout=0.05) is False  # the sink is still held
+    blocking.release.set()
+    assert server.interceptor.flush(timeout=5) is True
+    assert blocking.written == 3
+
+
 def test_admission_metrics(backend: Any) -> None:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
