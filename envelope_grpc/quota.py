@@ -246,7 +246,10 @@ class _Leases:
 
     def purge(self, now_ms: int) -> None:
         for holder in [holder for holder, (_, deadline) in self.held.items() if deadline <= now_ms]:
-            self.total -= self.held.pop(holder)[0]
+            self.drop(holder)
+
+    def drop(self, holder: str) -> None:
+        self.total -= self.held.pop(holder)[0]
 
 
 @dataclasses.dataclass(slots=True)
@@ -343,7 +346,7 @@ class MemoryQuotaStore:
                 if index is None:
                     leases = self._leases.get(key)
                     if leases is not None and holder in leases.held:
-                        leases.total -= leases.held.pop(holder)[0]
+                        leases.drop(holder)
                         if not leases.held:
                             del self._leases[key]
                     continue
