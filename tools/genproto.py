@@ -66,15 +66,17 @@ def main() -> int:
             f"-I{PROTO}",
         ]
         files = protos()
-        run = [*base, f"--python_out={args.out}", f"--mypy_out={args.out}", *files]
+        image = (
+            [f"--descriptor_set_out={args.image}", "--include_imports", "--include_source_info"]
+            if args.image
+            else []
+        )
+        run = [*base, f"--python_out={args.out}", f"--mypy_out={args.out}", *image, *files]
         subprocess.run(run, check=True)
         services = [f for f in files if has_service(f)]
         if services:
             grpc = [f"--grpc_python_out={args.out}", f"--mypy_grpc_out={args.out}"]
             subprocess.run([*base, *grpc, *services], check=True)
-        if args.image:
-            image = [f"--descriptor_set_out={args.image}", "--include_imports", "--include_source_info"]
-            subprocess.run([*base, *image, *files], check=True)
     return 0
 
 
