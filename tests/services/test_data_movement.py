@@ -7,7 +7,7 @@ import gc
 import hashlib
 import math
 import pathlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -28,11 +28,11 @@ from envelope_grpc.v1.envelope_pb2 import (
     ResourceDimension,
     Resources,
 )
-from services._runtime import start
 from services.data_movement import Stores
 from services.data_movement.v1 import data_movement_pb2 as pb
 from services.data_movement.v1 import data_movement_pb2_grpc as pb_grpc
-from tests.conftest import COMPLETED_PATH, Collector, error_info, only_grant, transitions
+from tests.conftest import COMPLETED_PATH, error_info, only_grant, transitions
+from tests.services import conftest
 from tests.services._python_m import python_m, stop_with_sigterm
 
 S = LifecycleState
@@ -43,25 +43,13 @@ DATA = np.random.default_rng(7).bytes(200_000)
 DATA_SHA = hashlib.sha256(DATA).hexdigest()
 
 
-class Served:
+class Served(conftest.Served):
     """A running data movement service over stores under ``root``."""
 
     def __init__(self, root: pathlib.Path, config: EnvelopeConfig | None = None) -> None:
         self.root = root
-        self.collector = Collector()
-        policies = config.policies if config is not None else ()
-        self.running = start(
-            services.data_movement.services(root), EnvelopeConfig(policies=policies, sinks=[self.collector])
-        )
-        self.channel = grpc.insecure_channel(self.running.address)
+        super().__init__(services.data_movement.services(root), config)
         self.stub = pb_grpc.DataMovementServiceStub(self.channel)
-
-    def envelopes(self, count: int) -> list[ExecutionEnvelope]:
-        found = self.collector.wait(count)
-        assert len(found) == count
-        for env in found:
-            assert envelope_grpc.validate(env) == []
-        return found
 
     def envelope(self) -> ExecutionEnvelope:
         return self.envelopes(1)[0]
@@ -76,16 +64,10 @@ class Served:
     def staging(self) -> list[pathlib.Path]:
         return list((self.root / ".staging").iterdir())
 
-    def close(self) -> None:
-        self.channel.close()
-        self.running.stop(None)
-
 
 @pytest.fixture
-def served(tmp_path: pathlib.Path) -> Iterator[Served]:
-    running = Served(tmp_path / "stores")
-    yield running
-    running.close()
+def served(servers: conftest.Servers, tmp_path: pathlib.Path) -> Served:
+    return servers(Served, tmp_path / "stores")
 
 
 def header(**fields: Any) -> pb.UploadHeader:
@@ -280,16 +262,15 @@ def test_declared_size_beyond_int64_is_refused_at_admission(served: Served) -> N
     assert envelope_grpc.validate(env) == []
 
 
-def test_upload_above_the_admitted_bytes_is_refused(tmp_path: pathlib.Path) -> None:
+def test_upload_above_the_admitted_bytes_is_refused(
+    servers: conftest.Servers, tmp_path: pathlib.Path
+) -> None:
     limits = LimitsPolicy([Limit(ResourceDimension.RESOURCE_DIMENSION_BYTES, 1000)])
-    served = Served(tmp_path, EnvelopeConfig(policies=[limits]))
-    try:
-        with pytest.raises(grpc.RpcError) as caught:
-            served.upload(header(), [DATA])
-        env = assert_rejected(served, caught.value, grpc.StatusCode.RESOURCE_EXHAUSTED, "BYTES_NOT_GRANTED")
-        assert env.grants[0].resources.bytes == 1000
-    finally:
-        served.close()
+    served = servers(Served, tmp_path, EnvelopeConfig(policies=[limits]))
+    with pytest.raises(grpc.RpcError) as caught:
+        served.upload(header(), [DATA])
+    env = assert_rejected(served, caught.value, grpc.StatusCode.RESOURCE_EXHAUSTED, "BYTES_NOT_GRANTED")
+    assert env.grants[0].resources.bytes == 1000
 
 
 # -- path traversal --------------------------------------------------------------------------------

@@ -8,16 +8,16 @@ import hashlib
 import json
 import pathlib
 import re
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 from google.protobuf import text_format
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-import envelope_grpc
 from envelope_grpc import EnvelopeConfig, Limit, LimitsPolicy
 from envelope_grpc.v1.envelope_pb2 import (
     AuthMethod,
@@ -59,12 +59,14 @@ from services.deployment.placement import (
 )
 from services.deployment.v1 import deployment_pb2 as pb
 from services.deployment.v1 import deployment_pb2_grpc as pb_grpc
-from tests.conftest import Collector, error_info, refused
+from tests.conftest import error_info, refused
+from tests.services import conftest
 from tests.services._python_m import python_m, stop_with_sigterm
 
 GiB = 1 << 30
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 METHOD = "/services.deployment.v1.DeploymentService/"
+MessageT = TypeVar("MessageT", bound=Message)
 
 # -- the placement engine, pure ----------------------------------------------------------
 
@@ -339,45 +341,26 @@ def test_summarize() -> None:
 # -- the service, on a real server ----------------------------------------------------------
 
 
-class Server:
+class Server(conftest.Served):
     """The deployment service on 127.0.0.1:0 with the envelope interceptors."""
 
     def __init__(self, service_list: Sequence[_runtime.Service], policies: Sequence[Any]) -> None:
-        self.collector = Collector()
-        config = EnvelopeConfig(
-            policies=policies, sinks=[self.collector], trust_peer=_runtime.trusted_loopback
+        super().__init__(
+            service_list, EnvelopeConfig(policies=policies, trust_peer=_runtime.trusted_loopback)
         )
-        self.running = _runtime.start(service_list, config)
-        self.channel = grpc.insecure_channel(self.running.address)
         self.stub = pb_grpc.DeploymentServiceStub(self.channel)
-
-    def envelopes(self, count: int) -> list[ExecutionEnvelope]:
-        found = self.collector.wait(count)
-        assert len(found) == count, f"expected {count} envelopes, got {len(found)}"
-        for env in found:
-            assert envelope_grpc.validate(env) == []
-        return found
-
-    def close(self) -> None:
-        self.channel.close()
-        self.running.stop(None)
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[..., Server]]:
+def serve(servers: conftest.Servers) -> Callable[..., Server]:
     """serve(policies=..., service_list=...) starts a server; all stop at the end."""
-    started: list[Server] = []
 
     def start(
         *, policies: Sequence[Any] = (), service_list: Sequence[_runtime.Service] | None = None
     ) -> Server:
-        server = Server(service_list if service_list is not None else services(), policies)
-        started.append(server)
-        return server
+        return servers(Server, service_list if service_list is not None else services(), policies)
 
-    yield start
-    for server in started:
-        server.close()
+    return start
 
 
 @pytest.fixture
@@ -419,6 +402,13 @@ def deploy_request(**fields: Any) -> pb.DeployModelRequest:
         else:
             setattr(request, name, value)
     return request
+
+
+def copy_of(message: MessageT) -> MessageT:
+    """A copy of ``message``, to change without changing the original."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
 
 
 #: The requested resources of deploy_request() as the envelope records them.
@@ -471,8 +461,7 @@ def steps(*moves: tuple[int, str, str]) -> list[Transition]:
 def stable(env: ExecutionEnvelope) -> str:
     """``env`` without what differs from run to run (ids, times, addresses,
     durations and the response size), as text for readable differences."""
-    copy = ExecutionEnvelope()
-    copy.CopyFrom(env)
+    copy = copy_of(env)
     for name in ("envelope_id", "request_id", "trace_id", "span_id"):
         copy.ClearField(name)
     copy.principal.ClearField("source_address")
@@ -538,35 +527,45 @@ def envelope(
     return text_format.MessageToString(env)
 
 
-def admission_grant(
+def _grant(
+    stage: Any,
+    actor: str,
     resources: Resources,
     outcome: Any = OUT.DECISION_OUTCOME_ADMITTED,
     reason_code: str = "",
     reason: str = "",
 ) -> Grant:
     return Grant(
-        stage=GrantStage.GRANT_STAGE_ADMISSION,
+        stage=stage,
         resources=resources,
         outcome=outcome,
-        actor="admission",
+        actor=actor,
         reason_code=reason_code,
         reason=reason,
     )
 
 
-def backend_grant(
-    resources: Resources,
-    outcome: Any = OUT.DECISION_OUTCOME_ADMITTED,
-    reason_code: str = "",
-    reason: str = "",
-) -> Grant:
-    return Grant(
-        stage=GrantStage.GRANT_STAGE_BACKEND,
-        resources=resources,
-        outcome=outcome,
-        actor="backend",
-        reason_code=reason_code,
-        reason=reason,
+def admission_grant(resources: Resources, *args: Any, **kwargs: Any) -> Grant:
+    """The admission stage's grant: ``_grant``'s outcome, reason_code and reason."""
+    return _grant(GrantStage.GRANT_STAGE_ADMISSION, "admission", resources, *args, **kwargs)
+
+
+def backend_grant(resources: Resources, *args: Any, **kwargs: Any) -> Grant:
+    """The backend stage's grant: ``_grant``'s outcome, reason_code and reason."""
+    return _grant(GrantStage.GRANT_STAGE_BACKEND, "backend", resources, *args, **kwargs)
+
+
+def deployed(request: Any, *, target: Target = TARGET, scope: Scope = SCOPE, **fields: Any) -> str:
+    """The stable envelope of a DeployModel call by tenant acme, project search."""
+    return envelope(
+        "DeployModel",
+        request,
+        kind=ExecutionKind.EXECUTION_KIND_DEPLOYMENT,
+        target=target,
+        scope=scope,
+        tenant="acme",
+        project="search",
+        **fields,
     )
 
 
@@ -632,14 +631,8 @@ def test_deploy_granted_as_asked_is_bound_to_node_accelerators_and_endpoint(serv
         envelope_id=env.envelope_id,
     )
     assert dict(call.trailing_metadata())["x-execution-envelope-id"] == env.envelope_id
-    assert stable(env) == envelope(
-        "DeployModel",
+    assert stable(env) == deployed(
         request,
-        kind=ExecutionKind.EXECUTION_KIND_DEPLOYMENT,
-        target=TARGET,
-        scope=SCOPE,
-        tenant="acme",
-        project="search",
         requested=ASKED,
         grants=[admission_grant(ASKED), backend_grant(ASKED)],
         binding=binding(deployment, [0, 1, 2, 3]),
@@ -652,26 +645,18 @@ def test_deploy_narrowed_to_free_capacity(server: Server) -> None:
     request = deploy_request(starting_replicas=3, max_replicas=4, autoscaling=pb.Autoscaling(enabled=False))
     deployment = server.stub.DeployModel(request, timeout=10).deployment
     [env] = server.envelopes(1)
-    asked = Resources()
-    asked.CopyFrom(ASKED)
+    asked = copy_of(ASKED)
     asked.replicas_start, asked.replicas_max = 3, 4
-    granted = Resources()
-    granted.CopyFrom(ASKED)
+    granted = copy_of(ASKED)
     granted.replicas_start = granted.replicas_max = 2
     reason = "capacity for 2 of 4 replicas on gpu-a100-0: max_replicas 4 -> 2, starting_replicas 3 -> 2"
     assert (deployment.starting_replicas, deployment.max_replicas, deployment.grant_reason) == (2, 2, reason)
-    target = Target()
-    target.CopyFrom(TARGET)
+    target = copy_of(TARGET)
     del target.attributes["autoscaling"]
     del target.attributes["autoscaling_target_concurrency"]
-    assert stable(env) == envelope(
-        "DeployModel",
+    assert stable(env) == deployed(
         request,
-        kind=ExecutionKind.EXECUTION_KIND_DEPLOYMENT,
         target=target,
-        scope=SCOPE,
-        tenant="acme",
-        project="search",
         requested=asked,
         grants=[
             admission_grant(asked),
@@ -691,13 +676,11 @@ def test_deploy_memory_filled_in_is_widened_with_a_reason(server: Server) -> Non
     )
     deployment = server.stub.DeployModel(request, timeout=10).deployment
     [env] = server.envelopes(1)
-    asked = Resources()
-    asked.CopyFrom(ASKED)
+    asked = copy_of(ASKED)
     asked.accelerator_count = asked.replicas_max = 1
     asked.ClearField("accelerator_memory_bytes")
     asked.ClearField("memory_bytes")
-    granted = Resources()
-    granted.CopyFrom(asked)
+    granted = copy_of(asked)
     granted.accelerator_memory_bytes = 80 * GiB
     granted.memory_bytes = 32 * GiB
     reason = (
@@ -709,17 +692,11 @@ def test_deploy_memory_filled_in_is_widened_with_a_reason(server: Server) -> Non
         32,
         "10.0.1.10:8000",
     )
-    target = Target()
-    target.CopyFrom(TARGET)
+    target = copy_of(TARGET)
     del target.attributes["lb_port"]
-    assert stable(env) == envelope(
-        "DeployModel",
+    assert stable(env) == deployed(
         request,
-        kind=ExecutionKind.EXECUTION_KIND_DEPLOYMENT,
         target=target,
-        scope=SCOPE,
-        tenant="acme",
-        project="search",
         requested=asked,
         grants=[
             admission_grant(asked),
@@ -804,10 +781,8 @@ def test_deploy_rejected_by_placement(
         "envelope-grpc",
         {"envelope_id": env.envelope_id},
     )
-    asked = Resources()
-    asked.CopyFrom(ASKED)
-    scope = Scope()
-    scope.CopyFrom(SCOPE)
+    asked = copy_of(ASKED)
+    scope = copy_of(SCOPE)
     for name, value in fields.items():
         if name == "accelerator_type":
             asked.accelerator_type = value
@@ -817,14 +792,9 @@ def test_deploy_rejected_by_placement(
             asked.replicas_min = value
         elif name == "location":
             scope.region = value
-    assert stable(env) == envelope(
-        "DeployModel",
+    assert stable(env) == deployed(
         request,
-        kind=ExecutionKind.EXECUTION_KIND_DEPLOYMENT,
-        target=TARGET,
         scope=scope,
-        tenant="acme",
-        project="search",
         requested=asked,
         grants=[admission_grant(asked)],
         moves=rejected_moves(reason_code),
@@ -874,25 +844,17 @@ def test_admission_limit_narrows_accelerators_and_the_backend_respects_it(
     other = server.stub.DeployModel(deploy_request(max_replicas=1, lb_port=8081), timeout=10).deployment
     assert (list(deployment.accelerator_indexes), list(other.accelerator_indexes)) == ([0, 1], [2, 3])
     env = server.envelopes(2)[0]
-    asked = Resources()
-    asked.CopyFrom(ASKED)
+    asked = copy_of(ASKED)
     asked.accelerator_count = 4
     asked.accelerator_memory_bytes = 100 * GiB
     asked.replicas_max = 1
-    admitted = Resources()
-    admitted.CopyFrom(asked)
+    admitted = copy_of(asked)
     admitted.accelerator_count = 2
     message = "accelerator_count 4 exceeds the limit of 2 for EXECUTION_KIND_DEPLOYMENT"
     reason = f"admission policy limits: {message}"
     assert deployment.grant_reason == reason
-    assert stable(env) == envelope(
-        "DeployModel",
+    assert stable(env) == deployed(
         request,
-        kind=ExecutionKind.EXECUTION_KIND_DEPLOYMENT,
-        target=TARGET,
-        scope=SCOPE,
-        tenant="acme",
-        project="search",
         requested=asked,
         decision=Decision(
             outcome=OUT.DECISION_OUTCOME_NARROWED,

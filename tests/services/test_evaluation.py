@@ -4,16 +4,16 @@ the service's own metric code, and every envelope validated."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
-import envelope_grpc
 import services.evaluation
 from envelope_grpc import EnvelopeConfig, Limit, LimitsPolicy
 from envelope_grpc.v1.envelope_pb2 import (
@@ -26,11 +26,11 @@ from envelope_grpc.v1.envelope_pb2 import (
     ResourceDimension,
     Resources,
 )
-from services._runtime import start
 from services.evaluation._catalog import builtin
 from services.evaluation.v1 import evaluation_pb2 as pb
 from services.evaluation.v1 import evaluation_pb2_grpc as pb_grpc
-from tests.conftest import COMPLETED_PATH, Collector, error_info, only_grant, transitions
+from tests.conftest import COMPLETED_PATH, error_info, only_grant, transitions
+from tests.services import conftest
 
 CATALOG = builtin()
 NODE = "eval-node-1"
@@ -38,42 +38,24 @@ S = LifecycleState
 BACKEND = GrantStage.GRANT_STAGE_BACKEND
 
 
-class Served:
+class Served(conftest.Served):
     """A running evaluation service and a stub to call it."""
 
     def __init__(self, config: EnvelopeConfig | None = None, **options: Any) -> None:
-        self.collector = Collector()
-        config = config or EnvelopeConfig()
-        config = EnvelopeConfig(policies=config.policies, sinks=[self.collector])
-        self.running = start(services.evaluation.services(node=NODE, **options), config)
-        self.channel = grpc.insecure_channel(self.running.address)
+        super().__init__(services.evaluation.services(node=NODE, **options), config)
         self.stub = pb_grpc.EvaluationServiceStub(self.channel)
 
     def evaluate(self, **fields: Any) -> list[pb.EvaluateModelResponse]:
         return list(self.stub.EvaluateModel(pb.EvaluateModelRequest(**fields), timeout=30))
 
     def envelope(self) -> ExecutionEnvelope:
-        (env,) = self.collector.wait(1)
-        assert envelope_grpc.validate(env) == []
+        (env,) = self.envelopes(1)
         return env
-
-    def close(self) -> None:
-        self.channel.close()
-        self.running.stop(None)
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[..., Served]]:
-    started: list[Served] = []
-
-    def make(config: EnvelopeConfig | None = None, **options: Any) -> Served:
-        served = Served(config, **options)
-        started.append(served)
-        return served
-
-    yield make
-    for served in started:
-        served.close()
+def serve(servers: conftest.Servers) -> Callable[..., Served]:
+    return functools.partial(servers, Served)
 
 
 # -- independent reference computations ------------------------------------------------------

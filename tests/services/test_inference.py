@@ -7,10 +7,11 @@ weights, not by calling the models' own code paths.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -33,7 +34,8 @@ from envelope_grpc.v1.envelope_pb2 import (
 )
 from services import _runtime, inference
 from services.inference import extract, models, tensors
-from tests.conftest import Collector, first_grant
+from tests.conftest import first_grant
+from tests.services import conftest
 
 INFER = extract.MODEL_INFER
 KIND = ExecutionKind
@@ -52,37 +54,32 @@ IRIS = np.array(
 )
 
 
-class Served:
+class Served(conftest.Served):
     """A running inference service and the envelopes it reported."""
 
     def __init__(self, config: EnvelopeConfig | None = None) -> None:
-        self.collector = Collector()
-        base = config or EnvelopeConfig(trust_peer=_runtime.trusted_loopback)
-        self.config = EnvelopeConfig(
-            extractors=base.extractors,
-            policies=base.policies,
-            sinks=[self.collector],
-            trust_peer=base.trust_peer,
-        )
-        self.running = _runtime.start(inference.services(), self.config)
-        self.address = self.running.address
+        default = EnvelopeConfig(trust_peer=_runtime.trusted_loopback)
+        super().__init__(inference.services(), config if config is not None else default)
 
-    def envelopes(self, count: int) -> list[ExecutionEnvelope]:
+    def envelopes(self, count: int, *, exact: bool = False) -> list[ExecutionEnvelope]:
         """Exactly the first ``count`` envelopes, all valid."""
-        found = self.collector.wait(count)[:count]
-        for env in found:
-            assert envelope_grpc.validate(env) == [], envelope_grpc.to_json(env)
-        return found
+        return super().envelopes(count, exact=exact)
+
+    def check(self, env: ExecutionEnvelope) -> None:
+        assert envelope_grpc.validate(env) == [], envelope_grpc.to_json(env)
 
     def by_id(self, envelope_id: str, count: int) -> ExecutionEnvelope:
         return next(env for env in self.envelopes(count) if env.envelope_id == envelope_id)
 
 
 @pytest.fixture
-def served() -> Iterator[Served]:
-    server = Served()
-    yield server
-    server.running.stop()
+def serve(servers: conftest.Servers) -> Callable[..., Served]:
+    return functools.partial(servers, Served)
+
+
+@pytest.fixture
+def served(serve: Callable[..., Served]) -> Served:
+    return serve()
 
 
 @pytest.fixture
@@ -212,21 +209,18 @@ def test_probes_and_metadata(served: Served, client: tgrpc.InferenceServerClient
     assert envs[7].execution.target.version == "1"
 
 
-def test_probes_can_be_skipped() -> None:
-    server = Served(
+def test_probes_can_be_skipped(serve: Callable[..., Served]) -> None:
+    server = serve(
         EnvelopeConfig(
             extractors=ExtractorRegistry(rules=extract.SKIPPABLE), trust_peer=_runtime.trusted_loopback
         )
     )
-    try:
-        with tgrpc.InferenceServerClient(server.address) as client:
-            assert client.is_server_live()
-            assert client.is_server_ready()
-            assert client.is_model_ready("tiny-lm")
-        (env,) = server.envelopes(1)
-        assert env.execution.method == extract.MODEL_READY
-    finally:
-        server.running.stop()
+    with tgrpc.InferenceServerClient(server.address) as client:
+        assert client.is_server_live()
+        assert client.is_server_ready()
+        assert client.is_model_ready("tiny-lm")
+    (env,) = server.envelopes(1)
+    assert env.execution.method == extract.MODEL_READY
 
 
 # -- inference -------------------------------------------------------------------------
@@ -349,32 +343,29 @@ def test_tiny_lm_tokens(served: Served, client: tgrpc.InferenceServerClient) -> 
     ]
 
 
-def test_tiny_lm_batch_and_admission_narrowing() -> None:
+def test_tiny_lm_batch_and_admission_narrowing(serve: Callable[..., Served]) -> None:
     limits = LimitsPolicy(
         [Limit(ResourceDimension.RESOURCE_DIMENSION_TOKENS, 8, ExecutionKind.EXECUTION_KIND_INFERENCE)]
     )
-    server = Served(EnvelopeConfig(policies=[limits]))
+    server = serve(EnvelopeConfig(policies=[limits]))
     prompts = ["hello world", "what is the answer"]
-    try:
-        with tgrpc.InferenceServerClient(server.address) as client:
-            result = client.infer(
-                "tiny-lm",
-                [bytes_input("prompt", [p.encode() for p in prompts])],
-                parameters={"max_tokens": 10},
-            )
-        expected = [expected_generation(p, 4) for p in prompts]  # 8 admitted tokens / 2 prompts
-        np.testing.assert_array_equal(result.as_numpy("num_tokens"), [len(e) for e in expected])
-        np.testing.assert_array_equal(result.as_numpy("token_ids"), expected)
-        (env,) = server.envelopes(1)
-        assert env.execution.target.attributes["batch_size"] == "2"
-        assert env.requested.tokens == 20
-        assert env.decision.outcome == OUTCOME.DECISION_OUTCOME_NARROWED
-        backend = first_grant(env, GrantStage.GRANT_STAGE_BACKEND)
-        assert (backend.outcome, backend.resources.tokens) == (OUTCOME.DECISION_OUTCOME_NARROWED, 8)
-        assert backend.reason_code == env.decision.reason_code != ""
-        assert env.outcome.usage.tokens == sum(len(e) for e in expected)
-    finally:
-        server.running.stop()
+    with tgrpc.InferenceServerClient(server.address) as client:
+        result = client.infer(
+            "tiny-lm",
+            [bytes_input("prompt", [p.encode() for p in prompts])],
+            parameters={"max_tokens": 10},
+        )
+    expected = [expected_generation(p, 4) for p in prompts]  # 8 admitted tokens / 2 prompts
+    np.testing.assert_array_equal(result.as_numpy("num_tokens"), [len(e) for e in expected])
+    np.testing.assert_array_equal(result.as_numpy("token_ids"), expected)
+    (env,) = server.envelopes(1)
+    assert env.execution.target.attributes["batch_size"] == "2"
+    assert env.requested.tokens == 20
+    assert env.decision.outcome == OUTCOME.DECISION_OUTCOME_NARROWED
+    backend = first_grant(env, GrantStage.GRANT_STAGE_BACKEND)
+    assert (backend.outcome, backend.resources.tokens) == (OUTCOME.DECISION_OUTCOME_NARROWED, 8)
+    assert backend.reason_code == env.decision.reason_code != ""
+    assert env.outcome.usage.tokens == sum(len(e) for e in expected)
 
 
 # -- errors ----------------------------------------------------------------------------
