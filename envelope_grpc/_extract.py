@@ -12,7 +12,6 @@ import dataclasses
 import enum
 import fnmatch
 import math
-import operator
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -177,8 +176,7 @@ def _find_method(pool: descriptor_pool.DescriptorPool, method: str) -> MethodDes
 _MAX_DEPTH: Final = 8
 _INT64: Final = 2**63
 _Apply = Callable[[Extraction, Any], None]
-#: Visits one field of a message: reads it and applies what it holds.
-_Visit = Callable[[Extraction, Message], None]
+_Fill = Callable[[Message, Extraction], None]
 
 
 def declarative_plan(method: str, descriptor: MethodDescriptor) -> MethodPlan | None:
@@ -186,111 +184,166 @@ def declarative_plan(method: str, descriptor: MethodDescriptor) -> MethodPlan | 
     request type, or None when neither is annotated."""
     options = descriptor.GetOptions()
     rule = options.Extensions[options_pb2.method] if options.HasExtension(options_pb2.method) else None
-    visitors = _compile(descriptor.input_type, frozenset(), 0)
-    if rule is None and not visitors:
+    source = _Source()
+    body = source.message(descriptor.input_type, "request", frozenset(), 0, 1)
+    if rule is None and not body:
         return None
     if rule is not None and rule.skip:
         return MethodPlan(method, Action.SKIP)
     kind = rule.kind if rule is not None else ExecutionKind.EXECUTION_KIND_UNSPECIFIED
     target_type = rule.target_type if rule is not None else ""
-    extractor = _DeclaredExtractor(kind, target_type, visitors)
+    if target_type:
+        body.insert(0, f"    found.target.type = {source.constant(target_type)}")
+    extractor = _DeclaredExtractor(kind, source.function(descriptor.input_type.full_name, body))
     return MethodPlan(method, Action.RECORD, extractor, kind, extractor.fill)
 
 
-def _compile(message: Descriptor, seen: frozenset[str], depth: int) -> tuple[_Visit, ...]:
-    """One visitor per field that is annotated or leads to annotated fields,
-    each specialized once for the field's shape (repeated, with presence or
-    not, enum, nested): the per-call walk then makes no decision of its own."""
-    visitors: list[_Visit] = []
-    for field in message.fields:
-        options = field.GetOptions()
-        apply = (
-            _applier(options.Extensions[options_pb2.field])
-            if options.HasExtension(options_pb2.field)
-            else None
-        )
-        nested = field.message_type
-        if (
-            apply is None
-            and nested is not None
-            and not nested.GetOptions().map_entry
-            and nested.full_name not in seen
-            and not nested.full_name.startswith("google.protobuf.")
-            and depth + 1 < _MAX_DEPTH
-        ):
-            children = _compile(nested, seen | {message.full_name}, depth + 1)
-            if children:
-                apply = _each(children)
-        if apply is not None:
-            if field.enum_type is not None:
-                apply = _named(apply, {v.number: v.name for v in field.enum_type.values})
-            visitors.append(_visitor(field, apply))
-    return tuple(visitors)
+class _Source:
+    """Compiles the field rules of a request type into the source of one
+    function, ``fill(request, found)``: straight-line code specialized for
+    each annotated field's shape (repeated, with presence or not, enum,
+    nested), so the per-call walk makes no decision of its own and calls
+    nothing for the common destinations. The source holds only field names
+    from descriptors and generated names; every value is a constant bound
+    by name."""
+
+    def __init__(self) -> None:
+        self.constants: dict[str, Any] = {"_text": _text, "_INT64": _INT64}
+        self._names = 0
+
+    def name(self, prefix: str) -> str:
+        self._names += 1
+        return f"{prefix}{self._names}"
+
+    def constant(self, value: Any) -> str:
+        name = self.name("c")
+        self.constants[name] = value
+        return name
+
+    def function(self, type_name: str, body: list[str]) -> _Fill:
+        source = "def fill(request, found):\n" + "\n".join(body or ["    pass"]) + "\n"
+        namespace = dict(self.constants)
+        exec(compile(source, f"<envelope_grpc extraction of {type_name}>", "exec"), namespace)
+        fill: _Fill = namespace["fill"]
+        return fill
+
+    def message(
+        self, message: Descriptor, var: str, seen: frozenset[str], depth: int, indent: int
+    ) -> list[str]:
+        """Lines that visit every annotated field of ``message`` (in ``var``),
+        or of its nested messages."""
+        lines: list[str] = []
+        pad = "    " * indent
+        for field in message.fields:
+            options = field.GetOptions()
+            read = f"{var}.{field.name}"
+            if options.HasExtension(options_pb2.field):
+                value = self.name("v")
+                apply = self.apply(options.Extensions[options_pb2.field], field, value, indent + 1)
+                if field.label == FieldDescriptor.LABEL_REPEATED:
+                    lines.append(f"{pad}for {value} in {read}:")
+                elif field.has_presence:
+                    lines += [f"{pad}if {var}.HasField({field.name!r}):", f"{pad}    {value} = {read}"]
+                else:
+                    default = field.default_value
+                    test = value if not default else f"{value} != {self.constant(default)}"
+                    lines += [f"{pad}{value} = {read}", f"{pad}if {test}:"]
+                if field.enum_type is not None:
+                    names = {v.number: v.name for v in field.enum_type.values}
+                    lines.append(f"{pad}    {value} = {self.constant(names)}.get({value}, {value})")
+                lines += apply
+                continue
+            nested = field.message_type
+            if (
+                nested is None
+                or nested.GetOptions().map_entry
+                or nested.full_name in seen
+                or nested.full_name.startswith("google.protobuf.")
+                or depth + 1 >= _MAX_DEPTH
+            ):
+                continue
+            inner = self.name("m")
+            children = self.message(nested, inner, seen | {message.full_name}, depth + 1, indent + 1)
+            if not children:
+                continue
+            if field.label == FieldDescriptor.LABEL_REPEATED:
+                lines.append(f"{pad}for {inner} in {read}:")
+            else:
+                lines += [f"{pad}if {var}.HasField({field.name!r}):", f"{pad}    {inner} = {read}"]
+            lines += children
+        return lines
+
+    def apply(self, rule: FieldRule, field: FieldDescriptor, value: str, indent: int) -> list[str]:
+        """Lines that write ``value`` (a value of ``field``) where ``rule`` says."""
+        pad = "    " * indent
+        text = field.type == FieldDescriptor.TYPE_STRING
+        integer = field.cpp_type in _INTEGERS and field.enum_type is None
+        once = _once(rule)
+        if once is not None:  # a single-valued text destination: the first value wins
+            holder, part = once
+            limit = _LIMITS.get(part, _MAX_VALUE)
+            converted = value if text else f"_text({value})"
+            return [
+                f"{pad}if not found{holder}.{part}:",
+                f"{pad}    found{holder}.{part} = {converted}[:{limit}]",
+            ]
+        if rule.WhichOneof("destination") == "resource" and integer:
+            name = DIMENSION_FIELDS.get(rule.resource)
+            if name is not None and rule.resource != DIMENSION_ACCELERATOR_TYPE:
+                amount, total = self.name("a"), self.name("t")
+                return [
+                    f"{pad}{amount} = {value} * {rule.scale or 1}",
+                    f"{pad}{total} = found.requested.{name} + {amount} "
+                    f"if found.requested.HasField({name!r}) else {amount}",
+                    f"{pad}if abs({total}) >= _INT64 or abs({amount}) >= _INT64:",
+                    f"{pad}    raise ValueError({f'{name} is out of range'!r})",
+                    f"{pad}found.requested.{name} = {total}",
+                ]
+        return [f"{pad}{self.constant(_applier(rule))}(found, {value})"]
 
 
-def _each(children: tuple[_Visit, ...]) -> _Apply:
-    def apply(found: Extraction, message: Any) -> None:
-        for visit in children:
-            visit(found, message)
-
-    return apply
-
-
-def _named(apply: _Apply, names: Mapping[int, str]) -> _Apply:
-    def named(found: Extraction, value: Any) -> None:
-        apply(found, names.get(value, value))
-
-    return named
+_INTEGERS: Final = frozenset(
+    {
+        FieldDescriptor.CPPTYPE_INT32,
+        FieldDescriptor.CPPTYPE_INT64,
+        FieldDescriptor.CPPTYPE_UINT32,
+        FieldDescriptor.CPPTYPE_UINT64,
+    }
+)
 
 
-def _visitor(field: FieldDescriptor, apply: _Apply) -> _Visit:
-    name = field.name
-    read = operator.attrgetter(name)
-    if field.label == FieldDescriptor.LABEL_REPEATED:
-
-        def visit_each(found: Extraction, message: Message) -> None:
-            for item in read(message):
-                apply(found, item)
-
-        return visit_each
-    if field.has_presence:
-
-        def visit_present(found: Extraction, message: Message) -> None:
-            if message.HasField(name):
-                apply(found, read(message))
-
-        return visit_present
-    default = field.default_value
-
-    def visit_set(found: Extraction, message: Message) -> None:
-        value = read(message)
-        if value != default:
-            apply(found, value)
-
-    return visit_set
+def _once(rule: FieldRule) -> tuple[str, str] | None:
+    """Where a single-valued text rule writes: (holder, field), the holder
+    as an attribute path from the Extraction ("" for itself)."""
+    destination = rule.WhichOneof("destination")
+    if destination == "target":
+        return ".target", "name" if rule.target == TargetField.TARGET_FIELD_NAME else "version"
+    if destination == "principal":
+        return "", "tenant" if rule.principal == PrincipalField.PRINCIPAL_FIELD_TENANT else "project"
+    if destination == "resource" and rule.resource == DIMENSION_ACCELERATOR_TYPE:
+        return ".requested", "accelerator_type"
+    if destination == "scope" and rule.scope in (
+        ScopeField.SCOPE_FIELD_REGION,
+        ScopeField.SCOPE_FIELD_PURPOSE,
+    ):
+        return ".scope", "region" if rule.scope == ScopeField.SCOPE_FIELD_REGION else "purpose"
+    return None
 
 
 class _DeclaredExtractor:
     """Applies the field rules found on a request type."""
 
-    __slots__ = ("kind", "target_type", "visitors")
+    __slots__ = ("fill", "kind")
 
-    def __init__(self, kind: ExecutionKind.ValueType, target_type: str, visitors: tuple[_Visit, ...]) -> None:
+    def __init__(self, kind: ExecutionKind.ValueType, fill: _Fill) -> None:
         self.kind = kind
-        self.target_type = target_type
-        self.visitors = visitors
+        #: Writes what a request declares into a given Extraction.
+        self.fill = fill
 
     def __call__(self, request: Message) -> Extraction:
         found = Extraction(kind=self.kind)
         self.fill(request, found)
         return found
-
-    def fill(self, request: Message, found: Extraction) -> None:
-        """Write what ``request`` declares into ``found``."""
-        if self.target_type:
-            found.target.type = self.target_type
-        for visit in self.visitors:
-            visit(found, request)
 
 
 def _text(value: Any) -> str:
@@ -327,47 +380,10 @@ _MAX_KEY: Final = 64
 _MAX_ITEMS: Final = {"datasets": 64, "policy_refs": 32}
 
 
-def _set_once(
-    holder: Callable[[Extraction], Any], part: str, convert: Callable[[Any], Any] | None = None
-) -> _Apply:
-    """An applier for a single-valued destination: the first value wins."""
-    limit = _LIMITS.get(part, _MAX_VALUE)
-    present = operator.attrgetter(part)
-    if convert is None:
-
-        def apply_text(found: Extraction, value: Any) -> None:
-            target = holder(found)
-            if not present(target):
-                setattr(target, part, _text(value)[:limit])
-
-        return apply_text
-
-    def apply(found: Extraction, value: Any) -> None:
-        target = holder(found)
-        if not present(target):
-            setattr(target, part, convert(value))
-
-    return apply
-
-
-_target = operator.attrgetter("target")
-_scope = operator.attrgetter("scope")
-_requested = operator.attrgetter("requested")
-
-
-def _itself(found: Extraction) -> Extraction:
-    return found
-
-
 def _applier(rule: FieldRule) -> _Apply:
-    """A function that writes one value where ``rule`` says it goes."""
+    """A function that writes one value where ``rule`` says it goes, for the
+    destinations that compiled code does not write itself."""
     destination = rule.WhichOneof("destination")
-    if destination == "target":
-        return _set_once(_target, "name" if rule.target == TargetField.TARGET_FIELD_NAME else "version")
-    if destination == "principal":
-        return _set_once(
-            _itself, "tenant" if rule.principal == PrincipalField.PRINCIPAL_FIELD_TENANT else "project"
-        )
     if destination == "resource":
         return _resource_applier(rule)
     if destination == "scope":
@@ -394,15 +410,13 @@ def _applier(rule: FieldRule) -> _Apply:
 
 
 def _resource_applier(rule: FieldRule) -> _Apply:
-    if rule.resource == DIMENSION_ACCELERATOR_TYPE:
-        return _set_once(_requested, "accelerator_type")
     name = DIMENSION_FIELDS.get(rule.resource)
-    if name is None:
-        raise ValueError(f"not a resource dimension: {rule.resource}")
+    if name is None or rule.resource == DIMENSION_ACCELERATOR_TYPE:
+        raise ValueError(f"not a quantity dimension: {rule.resource}")
     scale = rule.scale or 1
 
     def add(found: Extraction, value: Any) -> None:
-        if value.__class__ is int:  # exact, and the common case
+        if value.__class__ is int:  # exact
             amount = value * scale
         else:
             number = float(value) * scale
@@ -420,12 +434,15 @@ def _resource_applier(rule: FieldRule) -> _Apply:
 
 def _scope_applier(field: ScopeField.ValueType) -> _Apply:
     if field == ScopeField.SCOPE_FIELD_DATA_CLASSIFICATION:
-        return _set_once(_scope, "data_classification", _classification)
-    if field in (ScopeField.SCOPE_FIELD_REGION, ScopeField.SCOPE_FIELD_PURPOSE):
-        return _set_once(_scope, "region" if field == ScopeField.SCOPE_FIELD_REGION else "purpose")
+
+        def classify(found: Extraction, value: Any) -> None:  # the first value wins
+            scope = found.scope
+            if not scope.data_classification:
+                scope.data_classification = _classification(value)
+
+        return classify
     if field in (ScopeField.SCOPE_FIELD_DATASET, ScopeField.SCOPE_FIELD_POLICY_REF):
         part = "datasets" if field == ScopeField.SCOPE_FIELD_DATASET else "policy_refs"
-
         most = _MAX_ITEMS[part]
 
         def append(found: Extraction, value: Any) -> None:
