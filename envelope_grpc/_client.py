@@ -17,11 +17,11 @@ def with_envelope(metadata: _Pairs | None) -> list[tuple[str, str | bytes]] | No
     """``metadata`` plus the current envelope's compact form (replacing any
     that a caller put there); None outside an intercepted call, when the
     call goes out as it is."""
-    env = CURRENT.get()
-    if env is None:
+    call = CURRENT.get()
+    if call is None:
         return None
     pairs = [(key, value) for key, value in metadata or () if key != ENVELOPE_METADATA]
-    pairs.append((ENVELOPE_METADATA, envelope_context(env)))
+    pairs.append((ENVELOPE_METADATA, envelope_context(call.env)))
     return pairs
 
 

@@ -30,6 +30,7 @@ from envelope_grpc import _envelope as model
 from envelope_grpc._extract import Action, Extraction, ExtractorRegistry, MethodPlan
 from envelope_grpc._policy import (
     POLICY_ERROR,
+    Admission,
     Deny,
     Policy,
     PolicySpec,
@@ -39,7 +40,7 @@ from envelope_grpc._policy import (
     record_denial,
 )
 from envelope_grpc._sinks import Sink, SinkDispatcher, SinkStats, WriteAheadSink
-from envelope_grpc._telemetry import KIND_NAMES, OUTCOME_NAMES, Metrics, annotate
+from envelope_grpc._telemetry import KIND_NAMES, OUTCOME_NAMES, Metrics, Progress, annotate, progress
 from envelope_grpc._types import CallInfo, Peer, Resolver, TrustPeer, Unauthenticated
 from envelope_grpc._values import (
     AUTH_NONE,
@@ -49,16 +50,22 @@ from envelope_grpc._values import (
     FLAG_PEER_ENVELOPE_MALFORMED,
     FLAG_PEER_ENVELOPE_OVERSIZED,
     FLAG_PEER_ENVELOPE_UNTRUSTED,
+    OUTCOME_ADMITTED,
+    OUTCOME_DENIED,
+    OUTCOME_UNSPECIFIED,
     PRINCIPAL_ANONYMOUS,
+    STAGE_ADMISSION,
 )
 from envelope_grpc.v1.envelope_pb2 import (
     EnvelopeContext,
     ExecutionEnvelope,
+    LifecycleState,
     Principal,
+    Resources,
 )
 
-#: The envelope of the call being handled, for the handler API.
-CURRENT: Final[contextvars.ContextVar[ExecutionEnvelope | None]] = contextvars.ContextVar(
+#: The call being handled, for the handler API and the client interceptors.
+CURRENT: Final[contextvars.ContextVar[Call | None]] = contextvars.ContextVar(
     "execution_envelope", default=None
 )
 
@@ -91,11 +98,24 @@ class EnvelopeConfig:
 
 
 class Call:
-    """One call's envelope and counters."""
+    """One call: its envelope's facts, and what became of it, kept plain.
+
+    The facts (ids, principal, execution, requested, scope, lineage, flags)
+    are written into ``env`` as they are found; policies read them there.
+    The lifecycle, the decision, the admission grant and the outcome are
+    kept as plain values until someone needs the whole envelope
+    (``envelope()``: the handler API, a write-ahead sink, a releasing
+    policy, or the sinks on their own thread); from then on every step is
+    written into the envelope at once. A call that nobody reads in full
+    never builds its envelope at all: its span is told from the plain values.
+    """
 
     __slots__ = (
+        "admission",
         "ended",
         "env",
+        "finish",
+        "materialized",
         "release",
         "request_bytes",
         "request_messages",
@@ -103,6 +123,7 @@ class Call:
         "response_messages",
         "span",
         "started_ns",
+        "steps",
     )
 
     def __init__(self, env: ExecutionEnvelope, span: trace.Span, started_ns: int) -> None:
@@ -113,6 +134,14 @@ class Call:
         self.response_messages = self.response_bytes = 0
         self.ended = False
         self.release: Sequence[Releasing] = ()
+        #: Admission's steps (state, actor, reason, ns) not yet in ``env``.
+        self.steps: list[tuple[LifecycleState.ValueType, str, str, int]] = [
+            (model.RECEIVED, k.ACTOR_RECEIVER, "", started_ns)
+        ]
+        self.admission: Admission | None = None
+        #: How the call ended (status code, details, ns), once it has.
+        self.finish: tuple[grpc.StatusCode, str, int] | None = None
+        self.materialized = False
 
     def count_request(self, message: Message) -> None:
         """Count one request message."""
@@ -124,6 +153,107 @@ class Call:
         self.response_messages += 1
         if isinstance(message, Message):
             self.response_bytes += message.ByteSize()
+
+    def step(self, to: LifecycleState.ValueType, actor: str, reason: str = "") -> None:
+        """Take an admission step (legal by construction)."""
+        if self.materialized:
+            model.transition(self.env, to, actor=actor, reason=reason)
+        else:
+            self.steps.append((to, actor, reason, time.time_ns()))
+
+    def envelope(self) -> ExecutionEnvelope:
+        """The whole envelope so far; the plain values are written into it
+        the first time, and every later step goes straight into it."""
+        env = self.env
+        if self.materialized:
+            return env
+        self.materialized = True
+        lifecycle = env.lifecycle
+        model.stamp(lifecycle.start_time, self.started_ns)
+        state = model.UNSPECIFIED
+        for to, actor, reason, ns in self.steps:
+            model.write_step(lifecycle, state, to, actor, reason, ns)
+            state = to
+        admission = self.admission
+        if admission is not None:
+            admission.write(env.decision)
+            if admission.denied is None:
+                model.write_grant(
+                    env,
+                    STAGE_ADMISSION,
+                    admission.granted,
+                    reason_code=admission.reason_code,
+                    reason=admission.message,
+                    actor=k.ACTOR_ADMISSION,
+                    now_ns=admission.time_ns,
+                )
+        if self.finish is not None:
+            self._write_finish()
+        return env
+
+    def _write_finish(self) -> None:
+        env = self.env
+        code, details, ns = self.finish  # type: ignore[misc]
+        outcome = env.outcome
+        usage = outcome.usage
+        usage.request_messages = self.request_messages
+        usage.request_bytes = self.request_bytes
+        usage.response_messages = self.response_messages
+        usage.response_bytes = self.response_bytes
+        usage.duration_ms = (ns - self.started_ns) // 1_000_000
+        outcome.status_code = code.value[0]
+        if details:
+            outcome.status_message = details
+        model.transition(
+            env,
+            _END_STATES.get(code, model.FAILED),
+            actor=k.ACTOR_COMPLETION,
+            reason=_end_reason(code),
+            now_ns=ns,
+        )
+
+    def progress(self) -> Progress:
+        """What became of the call, for its span."""
+        if self.materialized:
+            return progress(self.env)
+        admission = self.admission
+        finish = self.finish
+        if admission is None or finish is None:
+            raise RuntimeError("a call that is neither refused nor ended has no progress to tell")
+        code, _, ns = finish
+        end_state = _END_STATES.get(code, model.FAILED)
+        return Progress(
+            state=end_state,
+            outcome=admission.outcome,
+            policy=admission.deciding_policy,
+            reason=admission.reason_code,
+            mode=admission.mode if admission.runs else None,
+            fail_open=admission.fail_open,
+            granted=admission.granted if admission.outcome != OUTCOME_ADMITTED else None,
+            usage=(
+                ("request_messages", self.request_messages),
+                ("response_messages", self.response_messages),
+                ("request_bytes", self.request_bytes),
+                ("response_bytes", self.response_bytes),
+                ("duration_ms", (ns - self.started_ns) // 1_000_000),
+            ),
+            streamed=self.request_messages > 1 or self.response_messages > 1,
+            binding=None,
+            steps=(*self.steps, (end_state, k.ACTOR_COMPLETION, _end_reason(code), ns)),
+            start_ns=self.started_ns,
+            error="",
+        )
+
+
+_END_STATES: Final = {
+    grpc.StatusCode.OK: model.COMPLETED,
+    grpc.StatusCode.CANCELLED: model.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED: model.CANCELLED,
+}
+
+
+def _end_reason(code: grpc.StatusCode) -> str:
+    return "" if code is grpc.StatusCode.OK else code.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +335,7 @@ class Core:
             status = self._fail_admission(call, error)
         if status is None:
             # Set now: a grpc.aio handler's abort() sends the trailers at once.
-            context.set_trailing_metadata(trailers(call.env))
+            context.set_trailing_metadata(call_trailers(call))
         return call, status
 
     def _receive(self, plan: MethodPlan, context: Any) -> tuple[Call, tuple[str, Deny] | None]:
@@ -213,12 +343,7 @@ class Core:
         identity's refusal if any."""
         now = time.time_ns()
         metadata, repeated = _first_values(context.invocation_metadata())
-        env = model.new_envelope(
-            plan.method,
-            request_id=_request_id(metadata.get(k.REQUEST_ID_METADATA)),
-            actor=k.ACTOR_RECEIVER,
-            now_ns=now,
-        )
+        env = model.blank_envelope(plan.method, request_id=_request_id(metadata.get(k.REQUEST_ID_METADATA)))
         span = trace.get_current_span()
         span_context = span.get_span_context()
         if span_context.is_valid:
@@ -306,13 +431,11 @@ class Core:
             _log.exception("trust_peer failed for %s", peer.address)
             return False
 
-    def _normalize(
-        self, env: ExecutionEnvelope, plan: MethodPlan, request: Message | None, size: int
-    ) -> tuple[str, Deny] | None:
-        """Map the request (``size`` bytes long) into the envelope. A request
-        that cannot be mapped (a value out of range, a failing extractor) is
-        refused: admitting it on transport facts alone would let it pass
-        every limit unseen."""
+    def _normalize(self, call: Call, plan: MethodPlan, request: Message | None) -> tuple[str, Deny] | None:
+        """Map the request into the envelope. A request that cannot be mapped
+        (a value out of range, a failing extractor) is refused: admitting it
+        on transport facts alone would let it pass every limit unseen."""
+        env = call.env
         execution = env.execution
         execution.kind = plan.kind
         found: Extraction | None = None
@@ -332,7 +455,7 @@ class Core:
                 execution.kind = found.kind or plan.kind
                 execution.target.CopyFrom(found.target)
                 env.scope.CopyFrom(found.scope)
-                model.record_requested(env, found.requested)
+                env.requested.CopyFrom(found.requested)
             except Exception as error:
                 failure = error
         if failure is not None:
@@ -340,16 +463,16 @@ class Core:
             for holder, name in ((execution, "target"), (env, "requested"), (env, "scope")):
                 holder.ClearField(name)  # type: ignore[arg-type]
             execution.kind = plan.kind
-            model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR, reason="EXTRACTION_FAILED")
+            call.step(model.NORMALIZED, k.ACTOR_EXTRACTOR, "EXTRACTION_FAILED")
             message = f"the request could not be mapped into an envelope ({type(failure).__name__})"
             return "extractor", Deny(
                 grpc.StatusCode.INVALID_ARGUMENT, "EXTRACTION_FAILED", message, BASIS_INVALID
             )
         if found is not None and (found.tenant or found.project):
             _declared(env, found)
-        if request is not None and 0 < size <= self.config.digest_max_bytes:
+        if request is not None and 0 < call.request_bytes <= self.config.digest_max_bytes:
             execution.request_digest = "sha256:" + hashlib.sha256(request.SerializeToString()).hexdigest()
-        model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
+        call.step(model.NORMALIZED, k.ACTOR_EXTRACTOR)
         return None
 
     def _admit(
@@ -358,7 +481,7 @@ class Core:
         """Normalize, then refuse (``refused`` by identity, an unmappable
         request, negative amounts, an unmapped method) or run the policies."""
         env = call.env
-        unmapped = self._normalize(env, plan, request, call.request_bytes)
+        unmapped = self._normalize(call, plan, request)
         refused = refused or unmapped
         if refused is None and env.HasField("requested"):
             refused = _negative(env)
@@ -375,18 +498,14 @@ class Core:
             return self._deny(call, *refused)
         admission = admit(env, self.policies, fail_open=self.config.fail_open)
         call.release = admission.release
-        granted = admission.granted
+        call.admission = admission
         if admission.denied is not None:
-            return self._refuse(call, env.decision.deciding_policy, admission.denied)
-        decision = env.decision
-        model.record_admission_grant(
-            env, granted, reason_code=decision.reason_code, reason=decision.message, actor=k.ACTOR_ADMISSION
-        )
-        model.transition(env, model.ADMITTED, actor=k.ACTOR_ADMISSION, reason=decision.reason_code)
-        self._count(env)
+            return self._refuse(call, admission.deciding_policy, admission.denied)
+        call.step(model.ADMITTED, k.ACTOR_ADMISSION, admission.reason_code)
+        self._count(env, admission.outcome, admission.granted)
         for sink in self.write_ahead:
             try:
-                sink.admitted(env)
+                sink.admitted(call.envelope())
             except Exception:  # counted like any sink loss; the call goes on
                 if self.dispatcher is not None:
                     self.dispatcher.count_failure(1)
@@ -395,13 +514,13 @@ class Core:
 
     def _deny(self, call: Call, policy: str, deny: Deny) -> AbortStatus:
         """Refuse before the policies ran (identity, extraction, unmapped)."""
-        record_denial(call.env.decision, policy, deny)
+        record_denial(call.envelope().decision, policy, deny)
         return self._refuse(call, policy, deny)
 
     def _fail_admission(self, call: Call, error: Exception) -> AbortStatus | None:
         """An unexpected error during admission: refuse the call (fail closed)
         if the envelope can still be rejected, and report it."""
-        env = call.env
+        env = call.envelope()
         deny = Deny(
             grpc.StatusCode.UNAVAILABLE,
             POLICY_ERROR,
@@ -423,20 +542,20 @@ class Core:
         return self._deny(call, "admission", deny)
 
     def _refuse(self, call: Call, policy: str, deny: Deny) -> AbortStatus:
-        env = call.env
+        env = call.envelope()
         model.reject(
             env, deny.reason_code, deny.message, status_code=deny.code.value[0], actor=k.ACTOR_ADMISSION
         )
-        self._count(env)
+        self._count(env, OUTCOME_DENIED, None)
         status = abort_status(env, deny.code, deny.reason_code, deny.message, {"policy": policy})
         self._emit(call)
         return status
 
-    def _count(self, env: ExecutionEnvelope) -> None:
+    def _count(self, env: ExecutionEnvelope, outcome: int, granted: Resources | None) -> None:
         """Metrics are best effort, like the span: a failure must not turn a
         decision already made into another."""
         try:
-            self.metrics.record(env)
+            self.metrics.record(env, outcome, granted)
         except Exception:
             _log.exception("could not count envelope %s in the metrics", env.envelope_id)
 
@@ -447,47 +566,32 @@ class Core:
         envelope; ``error`` is what the handler raised, if anything."""
         if call.ended:
             return
-        env = call.env
-        if not model.is_terminal(env):
+        if not (call.materialized and model.is_terminal(call.env)):
             code, details = _status(context, error)
-            outcome = env.outcome
-            usage = outcome.usage
-            usage.request_messages = call.request_messages
-            usage.request_bytes = call.request_bytes
-            usage.response_messages = call.response_messages
-            usage.response_bytes = call.response_bytes
-            usage.duration_ms = (time.time_ns() - call.started_ns) // 1_000_000
-            outcome.status_code = code.value[0]
-            if details:
-                outcome.status_message = details[:1024]
-            if code is grpc.StatusCode.OK:
-                target = model.COMPLETED
-            elif code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
-                target = model.CANCELLED
-            else:
-                target = model.FAILED
-            model.transition(
-                env, target, actor=k.ACTOR_COMPLETION, reason="" if code is grpc.StatusCode.OK else code.name
-            )
+            call.finish = (code, details[:1024], time.time_ns())
+            if call.materialized:  # the handler holds the envelope: it sees the end at once
+                call._write_finish()
             # A handler that set its own trailing metadata replaced ours: add them back.
             pairs = context.trailing_metadata() or ()
             if not any(key == k.ENVELOPE_ID_METADATA for key, _ in pairs):
-                context.set_trailing_metadata((*pairs, *trailers(env)))
+                context.set_trailing_metadata((*pairs, *call_trailers(call)))
         self._emit(call)
 
     def _emit(self, call: Call) -> None:
         call.ended = True
         try:
-            annotate(call.span, call.env)
+            annotate(call.span, call.env, call.progress())
         except Exception:  # the span is best effort; the audit record is not
             _log.exception("could not annotate the span of envelope %s", call.env.envelope_id)
-        for policy in call.release:
-            try:
-                policy.release(call.env)
-            except Exception:  # giving back must never fail the call; it is logged
-                _log.exception("policy %r failed to release envelope %s", policy, call.env.envelope_id)
+        if call.release:
+            env = call.envelope()
+            for policy in call.release:
+                try:
+                    policy.release(env)
+                except Exception:  # giving back must never fail the call; it is logged
+                    _log.exception("policy %r failed to release envelope %s", policy, env.envelope_id)
         if self.dispatcher is not None:
-            self.dispatcher.submit(call.env)
+            self.dispatcher.submit(call.envelope)  # built on the dispatcher's thread
 
     def sink_stats(self) -> SinkStats | None:
         """The audit dispatcher's counters, when sinks are configured."""
@@ -560,12 +664,17 @@ def _cancelled(context: Any) -> bool:
     return bool(cancelled()) if cancelled is not None else False
 
 
-def trailers(env: ExecutionEnvelope) -> tuple[tuple[str, str], ...]:
+def trailers(envelope_id: str, outcome: int) -> tuple[tuple[str, str], ...]:
     """Trailing metadata naming the envelope and its admission outcome."""
-    return (
-        (k.ENVELOPE_ID_METADATA, env.envelope_id),
-        (k.DECISION_METADATA, OUTCOME_NAMES[env.decision.outcome]),
-    )
+    return ((k.ENVELOPE_ID_METADATA, envelope_id), (k.DECISION_METADATA, OUTCOME_NAMES[outcome]))
+
+
+def call_trailers(call: Call) -> tuple[tuple[str, str], ...]:
+    """The trailers of an admitted call."""
+    if call.materialized:
+        return trailers(call.env.envelope_id, call.env.decision.outcome)
+    outcome = call.admission.outcome if call.admission is not None else OUTCOME_UNSPECIFIED
+    return trailers(call.env.envelope_id, outcome)
 
 
 def abort_status(
@@ -579,7 +688,8 @@ def abort_status(
     detail = any_pb2.Any()
     detail.Pack(info)
     rich = status_pb2.Status(code=code.value[0], message=message, details=[detail])
-    return AbortStatus(code, message, (("grpc-status-details-bin", rich.SerializeToString()), *trailers(env)))
+    pairs = trailers(env.envelope_id, env.decision.outcome)
+    return AbortStatus(code, message, (("grpc-status-details-bin", rich.SerializeToString()), *pairs))
 
 
 def envelope_context(env: ExecutionEnvelope) -> bytes:

@@ -30,6 +30,7 @@ from envelope_grpc._values import (
 from envelope_grpc.v1.envelope_pb2 import (
     Binding,
     DecisionOutcome,
+    Execution,
     ExecutionEnvelope,
     GrantStage,
     Lifecycle,
@@ -42,6 +43,7 @@ from envelope_grpc.v1.envelope_pb2 import (
 SCHEMA_VERSION: Final = "1.0"
 
 S = LifecycleState
+UNSPECIFIED: Final = S.LIFECYCLE_STATE_UNSPECIFIED
 RECEIVED: Final = S.LIFECYCLE_STATE_RECEIVED
 NORMALIZED: Final = S.LIFECYCLE_STATE_NORMALIZED
 ADMITTED: Final = S.LIFECYCLE_STATE_ADMITTED
@@ -139,6 +141,16 @@ def stamp(timestamp: Timestamp, ns: int) -> None:
     timestamp.seconds, timestamp.nanos = divmod(ns, 1_000_000_000)
 
 
+def blank_envelope(method: str, *, request_id: str = "", envelope_id: str = "") -> ExecutionEnvelope:
+    """An envelope for a call of ``method`` with its ids and no lifecycle yet."""
+    return ExecutionEnvelope(
+        envelope_id=envelope_id or new_id(),
+        schema_version=SCHEMA_VERSION,
+        request_id=request_id or new_id(),
+        execution=Execution(method=method),
+    )
+
+
 def new_envelope(
     method: str,
     *,
@@ -148,16 +160,11 @@ def new_envelope(
     now_ns: int | None = None,
 ) -> ExecutionEnvelope:
     """An envelope in state RECEIVED for a call of ``method``."""
-    env = ExecutionEnvelope(
-        envelope_id=envelope_id or new_id(),
-        schema_version=SCHEMA_VERSION,
-        request_id=request_id or new_id(),
-    )
-    env.execution.method = method
+    env = blank_envelope(method, request_id=request_id, envelope_id=envelope_id)
     now = time.time_ns() if now_ns is None else now_ns
     lifecycle = env.lifecycle
     stamp(lifecycle.start_time, now)
-    _step(lifecycle, S.LIFECYCLE_STATE_UNSPECIFIED, RECEIVED, actor, "", now)
+    write_step(lifecycle, S.LIFECYCLE_STATE_UNSPECIFIED, RECEIVED, actor, "", now)
     return env
 
 
@@ -178,10 +185,11 @@ def transition(
     current = lifecycle.state
     if to not in LEGAL_TRANSITIONS[current]:
         raise LifecycleError(current, to)
-    _step(lifecycle, current, to, actor, reason, time.time_ns() if now_ns is None else now_ns)
+    write_step(lifecycle, current, to, actor, reason, time.time_ns() if now_ns is None else now_ns)
 
 
-def _step(lifecycle: Lifecycle, current: _State, to: _State, actor: str, reason: str, now: int) -> None:
+def write_step(lifecycle: Lifecycle, current: _State, to: _State, actor: str, reason: str, now: int) -> None:
+    """Append the step ``current`` -> ``to`` unchecked: for moves already known legal."""
     step = lifecycle.transitions.add(to=to, actor=actor)
     stamp(step.time, now)
     if current:
@@ -236,7 +244,7 @@ def compare(requested: Resources, granted: Resources) -> DecisionOutcome.ValueTy
     return OUTCOME_ADMITTED
 
 
-def _add_grant(
+def write_grant(
     env: ExecutionEnvelope,
     stage: GrantStage.ValueType,
     resources: Resources,
@@ -246,6 +254,8 @@ def _add_grant(
     actor: str,
     now_ns: int | None,
 ) -> int:
+    """Append a grant of ``stage`` with its outcome against the request, with
+    no lifecycle check; returns the outcome."""
     outcome = compare(env.requested, resources)
     if outcome != OUTCOME_ADMITTED and not (reason_code and reason):
         raise ValueError(f"a grant that is {DecisionOutcome.Name(outcome)} needs a reason_code and a reason")
@@ -271,7 +281,7 @@ def record_admission_grant(
     _require(env, (NORMALIZED,), "record an admission grant")
     if env.grants:
         raise LifecycleError(env.lifecycle.state, env.lifecycle.state, "record a second admission grant")
-    return _add_grant(
+    return write_grant(
         env,
         STAGE_ADMISSION,
         resources,
@@ -296,7 +306,7 @@ def record_grant(
     A grant that differs from the request needs a reason code and a reason.
     """
     _require(env, (ADMITTED,), "record the backend's grant")
-    outcome = _add_grant(
+    outcome = write_grant(
         env,
         STAGE_BACKEND,
         resources,

@@ -13,16 +13,17 @@ from envelope_grpc.v1.envelope_pb2 import Binding, ExecutionEnvelope, Resources,
 def current_envelope() -> ExecutionEnvelope | None:
     """The envelope of the call being handled, or None outside an intercepted
     call. Works in sync and aio handlers and inside response generators."""
-    return CURRENT.get()
+    call = CURRENT.get()
+    return call.envelope() if call is not None else None
 
 
 def _required() -> ExecutionEnvelope:
-    env = CURRENT.get()
-    if env is None:
+    call = CURRENT.get()
+    if call is None:
         raise RuntimeError(
             "no execution envelope: not inside a call intercepted by EnvelopeServerInterceptor"
         )
-    return env
+    return call.envelope()
 
 
 def record_grant(resources: Resources, *, reason_code: str = "", reason: str = "") -> int:

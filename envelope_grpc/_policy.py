@@ -13,7 +13,7 @@ import dataclasses
 import re
 import time
 from collections.abc import Sequence
-from typing import Final, Protocol, runtime_checkable
+from typing import Final, NamedTuple, Protocol, runtime_checkable
 
 import grpc
 
@@ -32,7 +32,9 @@ from envelope_grpc._values import (
 )
 from envelope_grpc.v1.envelope_pb2 import (
     Decision,
+    DecisionOutcome,
     DenialBasis,
+    EnforcementMode,
     ExecutionEnvelope,
     ExecutionKind,
     ResourceDimension,
@@ -180,44 +182,111 @@ def _consult(spec: PolicySpec, env: ExecutionEnvelope) -> Verdict:
         raise TimeoutError(f"no verdict within its budget of {spec.budget * 1000:g} ms") from None
 
 
+class PolicyRun(NamedTuple):
+    """What one policy said, as the decision records it."""
+
+    policy: str
+    mode: EnforcementMode.ValueType
+    outcome: DecisionOutcome.ValueType
+    reason_code: str
+    message: str
+    rule_ids: tuple[str, ...]
+    duration_us: int
+    error: str = ""
+    fail_open: bool = False
+
+
 @dataclasses.dataclass(slots=True)
 class Admission:
-    """The result of admission: the grant, the enforced denial if any, and
-    the policies that must be released when the call ends."""
+    """The result of admission: the grant, the enforced denial if any, the
+    policies that must be released when the call ends, and the decision,
+    kept plain until ``write`` puts it into an envelope's Decision."""
 
     granted: Resources
     denied: Deny | None
     release: list[Releasing]
+    runs: list[PolicyRun]
+    mode: EnforcementMode.ValueType
+    outcome: DecisionOutcome.ValueType
+    deciding: tuple[str, Narrow | Deny] | None
+    fail_open: bool
+    time_ns: int
+
+    @property
+    def deciding_policy(self) -> str:
+        """The policy whose verdict decided, or empty."""
+        return self.deciding[0] if self.deciding is not None else ""
+
+    @property
+    def reason_code(self) -> str:
+        """The deciding verdict's reason code, or empty."""
+        return self.deciding[1].reason_code if self.deciding is not None else ""
+
+    @property
+    def message(self) -> str:
+        """The deciding verdict's message, or empty."""
+        return self.deciding[1].message if self.deciding is not None else ""
+
+    def write(self, decision: Decision) -> None:
+        """Record this admission as ``decision``."""
+        for run in self.runs:
+            record = decision.policies.add(
+                policy=run.policy,
+                mode=run.mode,
+                outcome=run.outcome,
+                message=run.message,
+                duration_us=run.duration_us,
+            )
+            if run.reason_code:
+                record.reason_code = run.reason_code
+            if run.rule_ids:
+                record.rule_ids.extend(run.rule_ids)
+            if run.error:
+                record.error = run.error
+            if run.fail_open:
+                record.fail_open = True
+        decision.mode = self.mode
+        if self.fail_open:
+            decision.fail_open = True
+        if self.denied is not None:
+            record_denial(decision, self.deciding_policy, self.denied, self.time_ns)
+            return
+        decision.outcome = self.outcome
+        if self.deciding is not None:
+            decision.deciding_policy = self.deciding_policy
+            decision.reason_code = self.reason_code
+            decision.message = self.message
+        stamp(decision.time, self.time_ns)
 
 
 def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: bool) -> Admission:
-    """Run ``policies`` over ``env`` and write the decision into it.
+    """Run ``policies`` over ``env``: the decision, not yet written anywhere.
 
     A failing or late policy that fails closed becomes an UNAVAILABLE /
-    POLICY_ERROR denial.
+    POLICY_ERROR denial. Flags (a dry-run denial, a fail-open) go into
+    ``env`` at once.
     """
-    decision = env.decision
     granted = Resources()
     granted.CopyFrom(env.requested)
     denied: Deny | None = None
     deciding: tuple[str, Narrow | Deny] | None = None
     release: list[Releasing] = []
+    runs: list[PolicyRun] = []
+    opened = False
     for spec in policies:
         started = time.perf_counter_ns()
-        record = decision.policies.add(policy=spec.name)
-        record.mode = MODE_DRY_RUN if spec.dry_run else MODE_ENFORCE
         if spec.release is not None:
             release.append(spec.release)
+        error = ""
+        failed_open = False
         try:
             verdict: Verdict = _checked(_consult(spec, env))
-        except Exception as error:  # a policy's failure must not escape admission
-            record.error = error_text(error)
-            opens = fail_open if spec.fail_open is None else spec.fail_open
-            if opens:
-                record.fail_open = True
+        except Exception as failure:  # a policy's failure must not escape admission
+            error = error_text(failure)
+            if fail_open if spec.fail_open is None else spec.fail_open:
+                failed_open = True
                 verdict = Allow()
-                if not spec.dry_run:
-                    decision.fail_open = True
+                opened = opened or not spec.dry_run
             else:
                 verdict = Deny(
                     grpc.StatusCode.UNAVAILABLE,
@@ -225,15 +294,24 @@ def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: 
                     f"policy {spec.name} failed; the call is refused (fail closed)",
                     BASIS_ERROR,
                 )
-        record.duration_us = (time.perf_counter_ns() - started) // 1000
         if isinstance(verdict, Allow):
-            record.outcome = OUTCOME_ADMITTED
-            record.message = verdict.message
+            outcome, reason_code = OUTCOME_ADMITTED, ""
         else:
-            record.outcome = OUTCOME_DENIED if isinstance(verdict, Deny) else OUTCOME_NARROWED
-            record.reason_code = verdict.reason_code
-            record.message = verdict.message
-        record.rule_ids.extend(verdict.rule_ids)
+            outcome = OUTCOME_DENIED if isinstance(verdict, Deny) else OUTCOME_NARROWED
+            reason_code = verdict.reason_code
+        runs.append(
+            PolicyRun(
+                spec.name,
+                MODE_DRY_RUN if spec.dry_run else MODE_ENFORCE,
+                outcome,
+                reason_code,
+                verdict.message,
+                verdict.rule_ids,
+                (time.perf_counter_ns() - started) // 1000,
+                error,
+                failed_open,
+            )
+        )
         if spec.dry_run:
             if isinstance(verdict, Deny) and FLAG_DRY_RUN_DENY not in env.flags:
                 env.flags.append(FLAG_DRY_RUN_DENY)
@@ -245,29 +323,21 @@ def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: 
             denied = verdict
             deciding = (spec.name, verdict)
             break
-    if decision.fail_open and FLAG_FAIL_OPEN not in env.flags:
+    if opened and FLAG_FAIL_OPEN not in env.flags:
         env.flags.append(FLAG_FAIL_OPEN)
-    decision.mode = MODE_DRY_RUN if policies and all(spec.dry_run for spec in policies) else MODE_ENFORCE
-    if denied is not None and deciding is not None:
-        record_denial(decision, deciding[0], denied)
-        return Admission(granted, denied, release)
-    decision.outcome = compare(env.requested, granted)
-    if deciding is not None:
-        decision.deciding_policy, verdict = deciding
-        decision.reason_code = verdict.reason_code
-        decision.message = verdict.message
-    stamp(decision.time, time.time_ns())
-    return Admission(granted, denied, release)
+    mode = MODE_DRY_RUN if policies and all(spec.dry_run for spec in policies) else MODE_ENFORCE
+    outcome = OUTCOME_DENIED if denied is not None else compare(env.requested, granted)
+    return Admission(granted, denied, release, runs, mode, outcome, deciding, opened, time.time_ns())
 
 
-def record_denial(decision: Decision, policy: str, deny: Deny) -> None:
+def record_denial(decision: Decision, policy: str, deny: Deny, now_ns: int | None = None) -> None:
     """Write ``deny``, by ``policy``, as the admission decision."""
     decision.outcome = OUTCOME_DENIED
     decision.deciding_policy = policy
     decision.reason_code = deny.reason_code
     decision.message = deny.message
     decision.denial_basis = deny.basis
-    stamp(decision.time, time.time_ns())
+    stamp(decision.time, time.time_ns() if now_ns is None else now_ns)
 
 
 # -- the built-in limits policy ------------------------------------------------------

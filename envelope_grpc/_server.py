@@ -126,7 +126,7 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
 
     def unary_response(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
         call, argument = begin(request_or_iterator, context)
-        token = CURRENT.set(call.env)
+        token = CURRENT.set(call)
         try:
             response = serve(argument, context)
             call.count_response(response)
@@ -140,7 +140,7 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
 
     def stream_response(request_or_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         call, argument = begin(request_or_iterator, context)
-        token = CURRENT.set(call.env)
+        token = CURRENT.set(call)
         try:
             for response in serve(argument, context):
                 call.count_response(response)

@@ -13,7 +13,7 @@ import logging
 import queue
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Protocol, runtime_checkable
 
 from envelope_grpc._envelope import to_json
@@ -60,7 +60,9 @@ class SinkDispatcher:
 
     def __init__(self, sinks: Sequence[Sink], *, max_queue: int = 10_000, max_batch: int = 512) -> None:
         self._sinks = tuple(sinks)
-        self._queue: queue.Queue[ExecutionEnvelope | None] = queue.Queue(max_queue)
+        self._queue: queue.Queue[ExecutionEnvelope | Callable[[], ExecutionEnvelope] | None] = queue.Queue(
+            max_queue
+        )
         self._max_batch = max_batch
         self._lock = threading.Lock()
         self._submitted = self._written = self._dropped = self._failed = 0
@@ -68,8 +70,10 @@ class SinkDispatcher:
         self._thread = threading.Thread(target=self._run, name="envelope-grpc-sinks", daemon=True)
         self._thread.start()
 
-    def submit(self, envelope: ExecutionEnvelope) -> None:
-        """Queue ``envelope`` for every sink without blocking."""
+    def submit(self, envelope: ExecutionEnvelope | Callable[[], ExecutionEnvelope]) -> None:
+        """Queue ``envelope`` for every sink without blocking; a function that
+        returns it is called on the dispatcher's thread (the envelope is then
+        built off the RPC path)."""
         with self._lock:
             self._submitted += 1
         try:
@@ -131,8 +135,18 @@ class SinkDispatcher:
             if stop:
                 return
 
-    def _write(self, batch: list[ExecutionEnvelope]) -> None:
+    def _write(self, items: list[ExecutionEnvelope | Callable[[], ExecutionEnvelope]]) -> None:
         # "written": handed to every sink; "failed": lost by at least one.
+        batch: list[ExecutionEnvelope] = []
+        for item in items:
+            try:
+                batch.append(item if isinstance(item, ExecutionEnvelope) else item())
+            except Exception:
+                with self._lock:
+                    self._failed += 1
+                _log.exception("an envelope could not be built for the sinks")
+        if not batch:
+            return
         lost = False
         for sink in self._sinks:
             try:

@@ -1,14 +1,17 @@
 """OpenTelemetry output: span attributes, lifecycle span events, metrics.
 
 Attributes are set in one ``set_attributes`` call from the key table in
-_constants; nothing is computed for a span that is not recording.
+_constants; nothing is computed for a span that is not recording. A call's
+span is told from its envelope's facts and its Progress, which comes from the
+envelope when it was built in full, or from the call's plain values when not.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
-from collections.abc import Callable, Iterable
-from typing import Final
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final, NamedTuple
 
 from google.protobuf.message import Message
 from opentelemetry import metrics, trace
@@ -21,6 +24,7 @@ from envelope_grpc._envelope import ADMITTED, COMPLETED, NORMALIZED, QUANTITIES,
 from envelope_grpc._values import OUTCOME_ADMITTED, enum_names
 from envelope_grpc.v1.envelope_pb2 import (
     AuthMethod,
+    Binding,
     DataClassification,
     DecisionOutcome,
     EnforcementMode,
@@ -53,20 +57,70 @@ def _put_set(out: dict[str, AttributeValue], pairs: tuple[tuple[str, str], ...])
             out[key] = value
 
 
-def attributes(env: ExecutionEnvelope) -> dict[str, AttributeValue]:
-    """The envelope as ``execution_envelope.*`` span attributes (set values only)."""
+class Progress(NamedTuple):
+    """What became of a call after its facts, as its span tells it."""
+
+    state: int
+    #: The admission decision: outcome, deciding policy, reason, mode (None
+    #: when no policy ran), and whether a policy failed open.
+    outcome: int
+    policy: str
+    reason: str
+    mode: int | None
+    fail_open: bool
+    #: The resources of the last grant, when they differ from the request.
+    granted: Resources | None
+    #: Usage as (field name, value), and whether either side streamed.
+    usage: Sequence[tuple[str, int]]
+    streamed: bool
+    binding: Binding | None
+    #: The lifecycle: (state, actor, reason, ns) per step, from ``start_ns``.
+    steps: Sequence[tuple[int, str, str, int]]
+    start_ns: int
+    #: The span's error status text (a rejected call), or empty.
+    error: str
+
+
+def progress(env: ExecutionEnvelope) -> Progress:
+    """The progress a whole envelope records."""
+    decision = env.decision
+    lifecycle = env.lifecycle
+    outcome = env.outcome
+    grants = env.grants
+    usage = outcome.usage
+    rejected = lifecycle.state == REJECTED
+    return Progress(
+        state=lifecycle.state,
+        outcome=decision.outcome,
+        policy=decision.deciding_policy,
+        reason=decision.reason_code or outcome.reason_code,
+        mode=decision.mode if decision.policies else None,
+        fail_open=decision.fail_open,
+        granted=grants[-1].resources if grants and grants[-1].outcome != OUTCOME_ADMITTED else None,
+        usage=[(field.name, value) for field, value in usage.ListFields()],
+        streamed=usage.request_messages > 1 or usage.response_messages > 1,
+        binding=env.binding if env.HasField("binding") else None,
+        steps=[
+            (step.to, step.actor, step.reason, step.time.ToNanoseconds()) for step in lifecycle.transitions
+        ],
+        start_ns=lifecycle.start_time.ToNanoseconds(),
+        error=f"{outcome.reason_code}: {outcome.status_message}" if rejected else "",
+    )
+
+
+def attributes(env: ExecutionEnvelope, done: Progress) -> dict[str, AttributeValue]:
+    """The call as ``execution_envelope.*`` span attributes (set values only):
+    the facts from ``env``, the rest from ``done``."""
     execution = env.execution
     principal = env.principal
-    decision = env.decision
     target = execution.target
     scope = env.scope
-    reason = decision.reason_code or env.outcome.reason_code
     out: dict[str, AttributeValue] = {
         k.ATTR_ID: env.envelope_id,
         k.ATTR_REQUEST_ID: env.request_id,
         k.ATTR_KIND: KIND_NAMES[execution.kind],
-        k.ATTR_STATE: STATE_NAMES[env.lifecycle.state],
-        k.ATTR_OUTCOME: OUTCOME_NAMES[decision.outcome],
+        k.ATTR_STATE: STATE_NAMES[done.state],
+        k.ATTR_OUTCOME: OUTCOME_NAMES[done.outcome],
         k.ATTR_PRINCIPAL_KIND: PRINCIPAL_NAMES[principal.kind],
         k.ATTR_AUTH: AUTH_NAMES[principal.auth_method],
     }
@@ -85,32 +139,28 @@ def attributes(env: ExecutionEnvelope) -> dict[str, AttributeValue]:
             (k.ATTR_TENANT, principal.tenant),
             (k.ATTR_PROJECT, principal.project),
             (k.ATTR_REGION, scope.region),
-            (k.ATTR_POLICY, decision.deciding_policy),
-            (k.ATTR_REASON, reason),
+            (k.ATTR_POLICY, done.policy),
+            (k.ATTR_REASON, done.reason),
         ),
     )
-    if env.HasField("binding"):
-        binding = env.binding
+    if done.binding is not None:
+        binding = done.binding
         _put_set(out, ((k.ATTR_BINDING_NODE, binding.node), (k.ATTR_BINDING_ENDPOINT, binding.endpoint)))
     if scope.data_classification:
         out[k.ATTR_CLASSIFICATION] = CLASSIFICATION_NAMES[scope.data_classification]
-    if decision.policies:
-        out[k.ATTR_MODE] = MODE_NAMES[decision.mode]
-    if decision.fail_open:
+    if done.mode is not None:
+        out[k.ATTR_MODE] = MODE_NAMES[done.mode]
+    if done.fail_open:
         out[k.ATTR_FAIL_OPEN] = True
     if env.flags:
         out[k.ATTR_FLAGS] = [FLAG_NAMES[flag] for flag in env.flags]
     _fields(out, k.ATTR_REQUESTED_PREFIX, env.requested)
-    grants = env.grants
-    if grants and grants[-1].outcome != OUTCOME_ADMITTED:  # as asked: requested says it all
-        _fields(out, k.ATTR_GRANTED_PREFIX, grants[-1].resources)
-    usage = env.outcome.usage
-    if usage.request_messages > 1 or usage.response_messages > 1:
-        _fields(out, k.ATTR_USAGE_PREFIX, usage)
-    else:
-        for field, value in usage.ListFields():
-            if field.name not in _STREAM_USAGE:
-                out[k.ATTR_USAGE_PREFIX + field.name] = value
+    if done.granted is not None:  # else as asked: requested says it all
+        _fields(out, k.ATTR_GRANTED_PREFIX, done.granted)
+    streamed = done.streamed
+    for name, value in done.usage:
+        if streamed or name not in _STREAM_USAGE:
+            out[k.ATTR_USAGE_PREFIX + name] = value
     return out
 
 
@@ -131,34 +181,28 @@ _STEP_PREFIXES: Final = {state: f"{name}:" for state, name in STATE_NAMES.items(
 _EVENT_NAMES: Final = {state: f"{k.NAMESPACE}.{name}" for state, name in STATE_NAMES.items()}
 
 
-def annotate(span: trace.Span, env: ExecutionEnvelope) -> None:
-    """Put the envelope on ``span``: its attributes, the lifecycle path (each
-    state with its offset from receipt in microseconds), a
-    span event for every step that says more than the path (a reason, a
-    backend step, an end other than completion), and an error status when the
-    call was rejected."""
+def annotate(span: trace.Span, env: ExecutionEnvelope, done: Progress) -> None:
+    """Put the call on ``span``: its attributes, the lifecycle path (each
+    state with its offset from receipt in microseconds), a span event for
+    every step that says more than the path (a reason, a backend step, an
+    end other than completion), and an error status when the call was
+    rejected."""
     if not span.is_recording():
         return
-    out = attributes(env)
-    lifecycle = env.lifecycle
-    start = lifecycle.start_time
-    start_ns = start.seconds * 1_000_000_000 + start.nanos
+    out = attributes(env, done)
+    start_ns = done.start_ns
     path: list[str] = []
-    for step in lifecycle.transitions:
-        to = step.to
-        stamp = step.time
-        ns = stamp.seconds * 1_000_000_000 + stamp.nanos
+    for to, actor, reason, ns in done.steps:
         path.append(_STEP_PREFIXES[to] + str((ns - start_ns) // 1000))
         # A span event costs ~5 µs: the plain steps are told by the path alone.
-        reason = step.reason
         if reason or to not in _PLAIN_STEPS:
-            event = {"actor": step.actor, "reason": reason} if reason else {"actor": step.actor}
+            event = {"actor": actor, "reason": reason} if reason else {"actor": actor}
             span.add_event(_EVENT_NAMES[to], event, timestamp=ns)
     # One string, not two lists: a list attribute costs the SDK several times more.
     out[k.ATTR_LIFECYCLE] = " ".join(path)
     span.set_attributes(out)
-    if lifecycle.state == REJECTED:
-        span.set_status(Status(StatusCode.ERROR, f"{env.outcome.reason_code}: {env.outcome.status_message}"))
+    if done.error:
+        span.set_status(Status(StatusCode.ERROR, done.error))
 
 
 class Metrics:
@@ -167,16 +211,25 @@ class Metrics:
 
     Counts are summed in process and read by the SDK at collection time
     (observable counters): an SDK counter's ``add`` costs microseconds, and a
-    call would make several. Each instrument keeps at most ``max_series``
-    label sets; further ones are summed into one overflow series, as the
-    SDK's own cardinality limit does.
+    call would make several. A call only queues what it decided; the queue
+    is summed in batches, at collection or once it holds ``fold_every``
+    decisions. Each instrument keeps at most ``max_series`` label sets;
+    further ones are summed into one overflow series, as the SDK's own
+    cardinality limit does.
     """
 
     def __init__(
-        self, meter_provider: metrics.MeterProvider | None = None, *, max_series: int = 2000
+        self,
+        meter_provider: metrics.MeterProvider | None = None,
+        *,
+        max_series: int = 2000,
+        fold_every: int = 256,
     ) -> None:
         self._lock = threading.Lock()
         self._max_series = max_series
+        self._fold_every = fold_every
+        # Appends and pops of a deque are atomic: calls queue without a lock.
+        self._queued: collections.deque[tuple[ExecutionEnvelope, int, Resources | None]] = collections.deque()
         self._sums: tuple[dict[tuple[str, str, str], int], ...] = ({}, {}, {})
         meter = metrics.get_meter("envelope_grpc", meter_provider=meter_provider)
         for index, (name, unit, description, label) in enumerate(
@@ -195,6 +248,7 @@ class Metrics:
 
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             with self._lock:
+                self._fold()
                 sums = list(self._sums[index].items())
             for (kind, tenant, value), total in sums:
                 if kind == _OVERFLOW:
@@ -204,20 +258,34 @@ class Metrics:
 
         return observe
 
-    def record(self, env: ExecutionEnvelope) -> None:
-        """Count one admission decision and its resource amounts."""
-        kind = KIND_NAMES[env.execution.kind]
-        tenant = env.principal.tenant
-        requested = _quantities(env.requested)
-        grants = env.grants
-        if not grants:
-            granted: list[tuple[str, int]] = []
-        elif grants[-1].outcome == OUTCOME_ADMITTED:  # granted as asked
-            granted = requested
-        else:
-            granted = _quantities(grants[-1].resources)
-        with self._lock:
-            self._add(0, (kind, tenant, OUTCOME_NAMES[env.decision.outcome]), 1)
+    def record(self, env: ExecutionEnvelope, outcome: int, grant: Resources | None) -> None:
+        """Count one admission decision (``outcome``) of ``env``'s request and
+        the resources granted (``grant``; None when nothing was). ``env``'s
+        kind, tenant and request must not change afterwards."""
+        queued = self._queued
+        queued.append((env, outcome, grant))
+        if len(queued) >= self._fold_every:
+            with self._lock:
+                self._fold()
+
+    def _fold(self) -> None:
+        """Sum the queued decisions (the lock held)."""
+        queued = self._queued
+        while True:
+            try:
+                env, outcome, grant = queued.popleft()
+            except IndexError:
+                return
+            kind = KIND_NAMES[env.execution.kind]
+            tenant = env.principal.tenant
+            requested = _quantities(env.requested)
+            if grant is None:
+                granted: list[tuple[str, int]] = []
+            elif outcome == OUTCOME_ADMITTED:  # granted as asked
+                granted = requested
+            else:
+                granted = _quantities(grant)
+            self._add(0, (kind, tenant, OUTCOME_NAMES[outcome]), 1)
             for name, value in requested:
                 self._add(1, (kind, tenant, name), value)
             for name, value in granted:

@@ -22,6 +22,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     ResourceDimension,
 )
 
+OUTCOME_UNSPECIFIED: Final = DecisionOutcome.DECISION_OUTCOME_UNSPECIFIED
 OUTCOME_ADMITTED: Final = DecisionOutcome.DECISION_OUTCOME_ADMITTED
 OUTCOME_NARROWED: Final = DecisionOutcome.DECISION_OUTCOME_NARROWED
 OUTCOME_WIDENED: Final = DecisionOutcome.DECISION_OUTCOME_WIDENED

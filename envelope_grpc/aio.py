@@ -142,7 +142,7 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
 
     async def unary_response(request_or_iterator: Any, context: Any) -> Any:
         call, argument, seen = await begin(request_or_iterator, context)
-        CURRENT.set(call.env)  # each call runs in its own task, with its own context
+        CURRENT.set(call)  # each call runs in its own task, with its own context
         try:
             if awaits:
                 response = await serve(argument, seen)
@@ -157,7 +157,7 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
 
     async def stream_response(request_or_iterator: Any, context: Any) -> AsyncIterator[Any]:
         call, argument, seen = await begin(request_or_iterator, context)
-        CURRENT.set(call.env)
+        CURRENT.set(call)
         try:
             if yields:
                 async for response in serve(argument, seen):

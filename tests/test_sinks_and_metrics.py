@@ -155,9 +155,8 @@ def test_admission_metrics_sum_in_process_and_overflow_past_the_series_limit() -
         env = new_envelope("/a.B/C")
         env.execution.kind = ExecutionKind.EXECUTION_KIND_INFERENCE
         env.principal.tenant = tenant
-        env.decision.outcome = DecisionOutcome.DECISION_OUTCOME_ADMITTED
         env.requested.tokens = 10
-        counts.record(env)
+        counts.record(env, DecisionOutcome.DECISION_OUTCOME_ADMITTED, None)  # nothing granted
 
     overflow = (("otel.metric.overflow", True),)
     assert _points(reader, "execution_envelope.admissions") == {
