@@ -76,7 +76,11 @@ Verdict = Allow | Narrow | Deny
 
 
 class Policy(Protocol):
-    """An admission policy: reads the envelope, returns a verdict."""
+    """An admission policy: reads the envelope, returns a verdict.
+
+    The envelope holds the call's facts (ids, principal, execution, target,
+    requested resources, scope, lineage, flags); its lifecycle and decision
+    are written after admission."""
 
     def __call__(self, envelope: ExecutionEnvelope, /) -> Verdict: ...
 
@@ -198,9 +202,10 @@ class PolicyRun(NamedTuple):
 
 @dataclasses.dataclass(slots=True)
 class Admission:
-    """The result of admission: the grant, the enforced denial if any, the
-    policies that must be released when the call ends, and the decision,
-    kept plain until ``write`` puts it into an envelope's Decision."""
+    """The result of admission: the grant (the request message itself when
+    no policy capped it), the enforced denial if any, the policies that must
+    be released when the call ends, and the decision, kept plain until
+    ``write`` puts it into an envelope's Decision."""
 
     granted: Resources
     denied: Deny | None
@@ -266,8 +271,8 @@ def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: 
     POLICY_ERROR denial. Flags (a dry-run denial, a fail-open) go into
     ``env`` at once.
     """
-    granted = Resources()
-    granted.CopyFrom(env.requested)
+    requested = env.requested
+    granted = requested  # copied before the first cap
     denied: Deny | None = None
     deciding: tuple[str, Narrow | Deny] | None = None
     release: list[Releasing] = []
@@ -317,6 +322,9 @@ def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: 
                 env.flags.append(FLAG_DRY_RUN_DENY)
             continue
         if isinstance(verdict, Narrow):
+            if granted is requested:
+                granted = Resources()
+                granted.CopyFrom(requested)
             _cap(granted, verdict.caps)
             deciding = deciding or (spec.name, verdict)
         elif isinstance(verdict, Deny):
@@ -326,7 +334,10 @@ def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: 
     if opened and FLAG_FAIL_OPEN not in env.flags:
         env.flags.append(FLAG_FAIL_OPEN)
     mode = MODE_DRY_RUN if policies and all(spec.dry_run for spec in policies) else MODE_ENFORCE
-    outcome = OUTCOME_DENIED if denied is not None else compare(env.requested, granted)
+    if denied is not None:
+        outcome = OUTCOME_DENIED
+    else:
+        outcome = OUTCOME_ADMITTED if granted is requested else compare(requested, granted)
     return Admission(granted, denied, release, runs, mode, outcome, deciding, opened, time.time_ns())
 
 
