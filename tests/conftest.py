@@ -96,6 +96,8 @@ class SyncServicer(pb_grpc.ExecutionTestServiceServicer):
         self.downstream = downstream
 
     def Run(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.RunResponse:
+        if request.behavior == "blind":  # never reads the envelope
+            return pb.RunResponse(payload=request.payload)
         if request.behavior == "abort":
             context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
         if request.behavior == "sleep":
@@ -150,6 +152,8 @@ class AsyncServicer(pb_grpc.ExecutionTestServiceServicer):
         self.downstream = downstream
 
     async def Run(self, request: pb.RunRequest, context: grpc.aio.ServicerContext) -> pb.RunResponse:  # type: ignore[override]
+        if request.behavior == "blind":  # never reads the envelope
+            return pb.RunResponse(payload=request.payload)
         if request.behavior == "abort":
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
         if request.behavior == "sleep":

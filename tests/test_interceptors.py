@@ -450,6 +450,67 @@ def test_limits_policy_narrows_the_grant(backend: Start) -> None:
     assert validate(env) == []
 
 
+def _comparable(env: ExecutionEnvelope) -> ExecutionEnvelope:
+    """``env`` without what differs between two calls of the same request:
+    ids, times, the digest and sizes."""
+    copy = ExecutionEnvelope()
+    copy.CopyFrom(env)
+    copy.envelope_id = copy.request_id = copy.trace_id = copy.span_id = ""
+    copy.execution.ClearField("request_digest")
+    copy.principal.ClearField("source_address")
+    for stamped in (copy.lifecycle.start_time, copy.lifecycle.end_time, copy.decision.time):
+        stamped.Clear()
+    for step in copy.lifecycle.transitions:
+        step.ClearField("time")
+    for grant in copy.grants:
+        grant.ClearField("time")
+    for record in copy.decision.policies:
+        record.duration_us = 0
+    usage = copy.outcome.usage
+    usage.request_bytes = usage.response_bytes = usage.duration_ms = 0
+    return copy
+
+
+def test_a_call_whose_envelope_the_handler_never_reads_is_recorded_the_same(
+    backend: Start, spans: InMemorySpanExporter
+) -> None:
+    # Such a call keeps its lifecycle and decision plain and tells its span
+    # from them; the sinks get the envelope built on their own thread.
+    limits = LimitsPolicy([Limit(TOKENS, 100, kind=INFERENCE)])
+    server = backend(
+        EnvelopeConfig(policies=[PolicySpec(limits), PolicySpec(limits, name="audit", dry_run=True)])
+    )
+    for behavior in ("blind", "ok"):
+        request = pb.RunRequest()
+        request.CopyFrom(RUN)
+        request.behavior = behavior
+        server.stub.Run(request)
+    blind, read = server.envelopes(2)
+    assert _comparable(blind) == _comparable(read)
+    assert validate(blind) == []
+    assert blind.decision.outcome == O.DECISION_OUTCOME_NARROWED
+    assert states(blind) == ["RECEIVED", "NORMALIZED", "ADMITTED", "COMPLETED"]
+    attributes = []
+    for span, env in (
+        (server_span(spans, f"{SERVICE}/Run", 1), blind),
+        (server_span(spans, f"{SERVICE}/Run", 2), read),
+    ):
+        found = dict(span.attributes or {})
+        assert found.pop("execution_envelope.id") == env.envelope_id
+        assert found.pop("execution_envelope.request_id") == env.request_id
+        offsets = [step.partition(":") for step in str(found.pop("execution_envelope.lifecycle")).split()]
+        assert [state for state, _, _ in offsets] == ["received", "normalized", "admitted", "completed"]
+        attributes.append(
+            {key: value for key, value in found.items() if key.startswith("execution_envelope.")}
+        )
+        assert [(event.name, dict(event.attributes or {})) for event in span.events] == [
+            ("execution_envelope.admitted", {"actor": "admission", "reason": "LIMIT_NARROWED"})
+        ]
+    assert attributes[0] == attributes[1]
+    assert attributes[0]["execution_envelope.granted.tokens"] == 100
+    assert attributes[0]["execution_envelope.decision.mode"] == "enforce"
+
+
 def test_limits_policy_denies_with_status_and_error_info(backend: Start, spans: InMemorySpanExporter) -> None:
     server = backend(EnvelopeConfig(policies=[LimitsPolicy([Limit(TOKENS, 100, deny=True)])]))
     with pytest.raises(grpc.RpcError) as caught:

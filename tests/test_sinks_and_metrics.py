@@ -75,6 +75,37 @@ def test_failing_sink_is_counted_not_raised() -> None:
     dispatcher.close()
 
 
+def test_an_envelope_is_built_on_the_dispatchers_thread_and_a_failed_build_is_counted() -> None:
+    collected: list[tuple[str, str]] = []
+
+    class Collect:
+        def write(self, envelopes: Any, /) -> None:
+            collected.extend((env.envelope_id, threading.current_thread().name) for env in envelopes)
+
+        def close(self) -> None:
+            pass
+
+    built: list[str] = []
+
+    def build() -> ExecutionEnvelope:
+        built.append(threading.current_thread().name)
+        return new_envelope("/a.B/C", envelope_id="b" * 32)
+
+    def broken() -> ExecutionEnvelope:
+        raise RuntimeError("cannot build")
+
+    dispatcher = SinkDispatcher([Collect()])
+    dispatcher.submit(build)
+    dispatcher.submit(broken)
+    dispatcher.submit(new_envelope("/a.B/C", envelope_id="c" * 32))
+    assert dispatcher.flush()
+    stats = dispatcher.stats()
+    dispatcher.close()
+    assert built == ["envelope-grpc-sinks"]
+    assert collected == [("b" * 32, "envelope-grpc-sinks"), ("c" * 32, "envelope-grpc-sinks")]
+    assert (stats.submitted, stats.written, stats.failed) == (3, 2, 1)
+
+
 def test_full_queue_drops_are_counted_and_submit_never_blocks() -> None:
     sink = Blocking()
     dispatcher = SinkDispatcher([sink], max_queue=2, max_batch=1)
