@@ -102,8 +102,8 @@ class Call:
 
     The facts (ids, principal, execution, requested, scope, lineage, flags)
     are written into ``env`` as they are found; policies read them there.
-    The lifecycle, the decision, the admission grant and the outcome are
-    kept as plain values until someone needs the whole envelope
+    The trace and span ids, the request digest, the lifecycle, the decision,
+    the admission grant and the outcome are kept as plain values until someone needs the whole envelope
     (``envelope()``: the handler API, a write-ahead sink, a releasing
     policy, or the sinks on their own thread); from then on every step is
     written into the envelope at once. A call that nobody reads in full
@@ -112,6 +112,7 @@ class Call:
 
     __slots__ = (
         "admission",
+        "digested",
         "ended",
         "env",
         "finish",
@@ -142,6 +143,8 @@ class Call:
         #: How the call ended (status code, details, ns), once it has.
         self.finish: tuple[grpc.StatusCode, str, int] | None = None
         self.materialized = False
+        #: The first request message, serialized, for the request digest.
+        self.digested: bytes | None = None
 
     def count_request(self, message: Message) -> None:
         """Count one request message."""
@@ -168,6 +171,12 @@ class Call:
         if self.materialized:
             return env
         self.materialized = True
+        span_context = self.span.get_span_context()
+        if span_context.is_valid:
+            env.trace_id = format(span_context.trace_id, "032x")
+            env.span_id = format(span_context.span_id, "016x")
+        if self.digested is not None:
+            env.execution.request_digest = "sha256:" + hashlib.sha256(self.digested).hexdigest()
         lifecycle = env.lifecycle
         model.stamp(lifecycle.start_time, self.started_ns)
         state = model.UNSPECIFIED
@@ -345,10 +354,6 @@ class Core:
         metadata, repeated = _first_values(context.invocation_metadata())
         env = model.blank_envelope(plan.method, request_id=_request_id(metadata.get(k.REQUEST_ID_METADATA)))
         span = trace.get_current_span()
-        span_context = span.get_span_context()
-        if span_context.is_valid:
-            env.trace_id = format(span_context.trace_id, "032x")
-            env.span_id = format(span_context.span_id, "016x")
         remaining = context.time_remaining()
         if remaining is not None and remaining < _NO_DEADLINE:
             model.stamp(env.execution.deadline, now + int(remaining * 1e9))
@@ -471,7 +476,7 @@ class Core:
         if found is not None and (found.tenant or found.project):
             _declared(env, found)
         if request is not None and 0 < call.request_bytes <= self.config.digest_max_bytes:
-            execution.request_digest = "sha256:" + hashlib.sha256(request.SerializeToString()).hexdigest()
+            call.digested = request.SerializeToString()  # hashed when the envelope is built
         call.step(model.NORMALIZED, k.ACTOR_EXTRACTOR)
         return None
 
@@ -580,7 +585,8 @@ class Core:
     def _emit(self, call: Call) -> None:
         call.ended = True
         try:
-            annotate(call.span, call.env, call.progress())
+            if call.span.is_recording():
+                annotate(call.span, call.env, call.progress())
         except Exception:  # the span is best effort; the audit record is not
             _log.exception("could not annotate the span of envelope %s", call.env.envelope_id)
         if call.release:

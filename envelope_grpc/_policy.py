@@ -78,9 +78,10 @@ Verdict = Allow | Narrow | Deny
 class Policy(Protocol):
     """An admission policy: reads the envelope, returns a verdict.
 
-    The envelope holds the call's facts (ids, principal, execution, target,
-    requested resources, scope, lineage, flags); its lifecycle and decision
-    are written after admission."""
+    The envelope holds the call's facts: its ids, principal, execution
+    (method, kind, target, deadline), requested resources, scope, lineage
+    and flags. The trace ids, request digest, lifecycle and decision are
+    written after admission."""
 
     def __call__(self, envelope: ExecutionEnvelope, /) -> Verdict: ...
 

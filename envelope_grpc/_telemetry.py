@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final, NamedTuple
 
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -20,7 +21,7 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from envelope_grpc import _constants as k
-from envelope_grpc._envelope import ADMITTED, COMPLETED, NORMALIZED, QUANTITIES, RECEIVED, REJECTED
+from envelope_grpc._envelope import ADMITTED, COMPLETED, NORMALIZED, RECEIVED, REJECTED
 from envelope_grpc._values import OUTCOME_ADMITTED, enum_names
 from envelope_grpc.v1.envelope_pb2 import (
     AuthMethod,
@@ -34,6 +35,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     LifecycleState,
     PrincipalKind,
     Resources,
+    Usage,
 )
 
 KIND_NAMES: Final = enum_names(ExecutionKind.DESCRIPTOR)
@@ -46,15 +48,19 @@ MODE_NAMES: Final = enum_names(EnforcementMode.DESCRIPTOR)
 FLAG_NAMES: Final = enum_names(EnvelopeFlag.DESCRIPTOR)
 
 
-def _fields(out: dict[str, AttributeValue], prefix: str, message: Message) -> None:
+def _keys(prefix: str, message: Descriptor) -> dict[str, str]:
+    """The attribute key of each field of ``message``, under ``prefix``."""
+    return {field.name: prefix + field.name for field in message.fields}
+
+
+_REQUESTED_KEYS: Final = _keys(k.ATTR_REQUESTED_PREFIX, Resources.DESCRIPTOR)
+_GRANTED_KEYS: Final = _keys(k.ATTR_GRANTED_PREFIX, Resources.DESCRIPTOR)
+_USAGE_KEYS: Final = _keys(k.ATTR_USAGE_PREFIX, Usage.DESCRIPTOR)
+
+
+def _fields(out: dict[str, AttributeValue], keys: dict[str, str], message: Message) -> None:
     for field, value in message.ListFields():
-        out[prefix + field.name] = value
-
-
-def _put_set(out: dict[str, AttributeValue], pairs: tuple[tuple[str, str], ...]) -> None:
-    for key, value in pairs:
-        if value:
-            out[key] = value
+        out[keys[field.name]] = value
 
 
 class Progress(NamedTuple):
@@ -129,23 +135,25 @@ def attributes(env: ExecutionEnvelope, done: Progress) -> dict[str, AttributeVal
         out[k.ATTR_PARENT_ID] = lineage.parent_envelope_id
         out[k.ATTR_ROOT_ID] = lineage.root_envelope_id
         out[k.ATTR_DEPTH] = lineage.depth
-    _put_set(
-        out,
-        (
-            (k.ATTR_TARGET_TYPE, target.type),
-            (k.ATTR_TARGET_NAME, target.name),
-            (k.ATTR_TARGET_VERSION, target.version),
-            (k.ATTR_SUBJECT, principal.subject),
-            (k.ATTR_TENANT, principal.tenant),
-            (k.ATTR_PROJECT, principal.project),
-            (k.ATTR_REGION, scope.region),
-            (k.ATTR_POLICY, done.policy),
-            (k.ATTR_REASON, done.reason),
-        ),
-    )
+    for key, value in (
+        (k.ATTR_TARGET_TYPE, target.type),
+        (k.ATTR_TARGET_NAME, target.name),
+        (k.ATTR_TARGET_VERSION, target.version),
+        (k.ATTR_SUBJECT, principal.subject),
+        (k.ATTR_TENANT, principal.tenant),
+        (k.ATTR_PROJECT, principal.project),
+        (k.ATTR_REGION, scope.region),
+        (k.ATTR_POLICY, done.policy),
+        (k.ATTR_REASON, done.reason),
+    ):
+        if value:
+            out[key] = value
     if done.binding is not None:
         binding = done.binding
-        _put_set(out, ((k.ATTR_BINDING_NODE, binding.node), (k.ATTR_BINDING_ENDPOINT, binding.endpoint)))
+        if binding.node:
+            out[k.ATTR_BINDING_NODE] = binding.node
+        if binding.endpoint:
+            out[k.ATTR_BINDING_ENDPOINT] = binding.endpoint
     if scope.data_classification:
         out[k.ATTR_CLASSIFICATION] = CLASSIFICATION_NAMES[scope.data_classification]
     if done.mode is not None:
@@ -154,13 +162,13 @@ def attributes(env: ExecutionEnvelope, done: Progress) -> dict[str, AttributeVal
         out[k.ATTR_FAIL_OPEN] = True
     if env.flags:
         out[k.ATTR_FLAGS] = [FLAG_NAMES[flag] for flag in env.flags]
-    _fields(out, k.ATTR_REQUESTED_PREFIX, env.requested)
+    _fields(out, _REQUESTED_KEYS, env.requested)
     if done.granted is not None:  # else as asked: requested says it all
-        _fields(out, k.ATTR_GRANTED_PREFIX, done.granted)
+        _fields(out, _GRANTED_KEYS, done.granted)
     streamed = done.streamed
-    for name, value in done.usage:
+    for name, used in done.usage:
         if streamed or name not in _STREAM_USAGE:
-            out[k.ATTR_USAGE_PREFIX + name] = value
+            out[_USAGE_KEYS[name]] = used
     return out
 
 
@@ -182,13 +190,12 @@ _EVENT_NAMES: Final = {state: f"{k.NAMESPACE}.{name}" for state, name in STATE_N
 
 
 def annotate(span: trace.Span, env: ExecutionEnvelope, done: Progress) -> None:
-    """Put the call on ``span``: its attributes, the lifecycle path (each
-    state with its offset from receipt in microseconds), a span event for
-    every step that says more than the path (a reason, a backend step, an
-    end other than completion), and an error status when the call was
-    rejected."""
-    if not span.is_recording():
-        return
+    """Put the call on a recording ``span``: its attributes, the lifecycle
+    path (each state with its offset from receipt in microseconds), a span
+    event for every step that says more than the path (a reason, a backend
+    step, an end other than completion), and an error status when the call
+    was rejected. The caller checks that the span records, before it builds
+    ``done``."""
     out = attributes(env, done)
     start_ns = done.start_ns
     path: list[str] = []
@@ -230,7 +237,9 @@ class Metrics:
         self._fold_every = fold_every
         # Appends and pops of a deque are atomic: calls queue without a lock.
         self._queued: collections.deque[tuple[ExecutionEnvelope, int, Resources | None]] = collections.deque()
-        self._sums: tuple[dict[tuple[str, str, str], int], ...] = ({}, {}, {})
+        # Keyed by (kind, tenant, outcome or dimension name), as numbers where
+        # the contract has them: names are looked up at collection.
+        self._sums: tuple[dict[tuple[int, str, int | str], int], ...] = ({}, {}, {})
         meter = metrics.get_meter("envelope_grpc", meter_provider=meter_provider)
         for index, (name, unit, description, label) in enumerate(
             (
@@ -254,7 +263,8 @@ class Metrics:
                 if kind == _OVERFLOW:
                     yield Observation(total, {"otel.metric.overflow": True})
                 else:
-                    yield Observation(total, {_KIND: kind, _TENANT: tenant, key: value})
+                    name = OUTCOME_NAMES[value] if isinstance(value, int) else value
+                    yield Observation(total, {_KIND: KIND_NAMES[kind], _TENANT: tenant, key: name})
 
         return observe
 
@@ -276,7 +286,7 @@ class Metrics:
                 env, outcome, grant = queued.popleft()
             except IndexError:
                 return
-            kind = KIND_NAMES[env.execution.kind]
+            kind = env.execution.kind
             tenant = env.principal.tenant
             requested = _quantities(env.requested)
             if grant is None:
@@ -285,13 +295,13 @@ class Metrics:
                 granted = requested
             else:
                 granted = _quantities(grant)
-            self._add(0, (kind, tenant, OUTCOME_NAMES[outcome]), 1)
+            self._add(0, (kind, tenant, outcome), 1)
             for name, value in requested:
                 self._add(1, (kind, tenant, name), value)
             for name, value in granted:
                 self._add(2, (kind, tenant, name), value)
 
-    def _add(self, index: int, key: tuple[str, str, str], value: int) -> None:
+    def _add(self, index: int, key: tuple[int, str, int | str], value: int) -> None:
         sums = self._sums[index]
         if key not in sums and len(sums) >= self._max_series:
             key = _OVERFLOW_KEY
@@ -299,10 +309,11 @@ class Metrics:
 
 
 def _quantities(resources: Resources) -> list[tuple[str, int]]:
-    return [(field.name, value) for field, value in resources.ListFields() if field.name in QUANTITIES]
+    # Every resource field but the accelerator type is a quantity.
+    return [(field.name, value) for field, value in resources.ListFields() if value.__class__ is int]
 
 
 _KIND: Final = f"{k.NAMESPACE}.kind"
 _TENANT: Final = f"{k.NAMESPACE}.tenant"
-_OVERFLOW: Final = "\0overflow"  # no kind is named so
+_OVERFLOW: Final = -1  # no kind is numbered so
 _OVERFLOW_KEY: Final = (_OVERFLOW, "", "")
