@@ -103,11 +103,12 @@ class Call:
     The facts (ids, principal, execution, requested, scope, lineage, flags)
     are written into ``env`` as they are found; policies read them there.
     The trace and span ids, the request digest, the lifecycle, the decision,
-    the admission grant and the outcome are kept as plain values until someone needs the whole envelope
-    (``envelope()``: the handler API, a write-ahead sink, a releasing
-    policy, or the sinks on their own thread); from then on every step is
-    written into the envelope at once. A call that nobody reads in full
-    never builds its envelope at all: its span is told from the plain values.
+    the admission grant and the outcome are kept as plain values until
+    someone needs the whole envelope (``envelope()``: the handler API, a
+    write-ahead sink, a releasing policy, or the sinks on their own thread);
+    from then on every step is written into the envelope at once. A call
+    that nobody reads in full never builds its envelope at all: its span is
+    told from the plain values.
     """
 
     __slots__ = (
@@ -197,12 +198,17 @@ class Call:
                     now_ns=admission.time_ns,
                 )
         if self.finish is not None:
-            self._write_finish()
+            self._write_finish(*self.finish)
         return env
 
-    def _write_finish(self) -> None:
+    def end(self, code: grpc.StatusCode, details: str) -> None:
+        """End the call with ``code``; an envelope already built records it at once."""
+        self.finish = (code, details[:1024], time.time_ns())
+        if self.materialized:  # the handler holds the envelope: it sees the end
+            self._write_finish(*self.finish)
+
+    def _write_finish(self, code: grpc.StatusCode, details: str, ns: int) -> None:
         env = self.env
-        code, details, ns = self.finish  # type: ignore[misc]
         outcome = env.outcome
         usage = outcome.usage
         usage.request_messages = self.request_messages
@@ -560,7 +566,7 @@ class Core:
         """Metrics are best effort, like the span: a failure must not turn a
         decision already made into another."""
         try:
-            self.metrics.record(env, outcome, granted)
+            self.metrics.record(env.execution.kind, env.principal.tenant, outcome, env.requested, granted)
         except Exception:
             _log.exception("could not count envelope %s in the metrics", env.envelope_id)
 
@@ -572,10 +578,7 @@ class Core:
         if call.ended:
             return
         if not (call.materialized and model.is_terminal(call.env)):
-            code, details = _status(context, error)
-            call.finish = (code, details[:1024], time.time_ns())
-            if call.materialized:  # the handler holds the envelope: it sees the end at once
-                call._write_finish()
+            call.end(*_status(context, error))
             # A handler that set its own trailing metadata replaced ours: add them back.
             pairs = context.trailing_metadata() or ()
             if not any(key == k.ENVELOPE_ID_METADATA for key, _ in pairs):

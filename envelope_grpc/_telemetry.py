@@ -212,6 +212,10 @@ def annotate(span: trace.Span, env: ExecutionEnvelope, done: Progress) -> None:
         span.set_status(Status(StatusCode.ERROR, done.error))
 
 
+#: Resource amounts as (dimension name, value).
+_Amounts = Sequence[tuple[str, int]]
+
+
 class Metrics:
     """Admissions by kind, outcome and tenant; requested and granted amounts
     by resource dimension. Uses the global meter provider unless given one.
@@ -236,7 +240,7 @@ class Metrics:
         self._max_series = max_series
         self._fold_every = fold_every
         # Appends and pops of a deque are atomic: calls queue without a lock.
-        self._queued: collections.deque[tuple[ExecutionEnvelope, int, Resources | None]] = collections.deque()
+        self._queued: collections.deque[tuple[int, str, int, _Amounts, _Amounts]] = collections.deque()
         # Keyed by (kind, tenant, outcome or dimension name), as numbers where
         # the contract has them: names are looked up at collection.
         self._sums: tuple[dict[tuple[int, str, int | str], int], ...] = ({}, {}, {})
@@ -268,12 +272,21 @@ class Metrics:
 
         return observe
 
-    def record(self, env: ExecutionEnvelope, outcome: int, grant: Resources | None) -> None:
-        """Count one admission decision (``outcome``) of ``env``'s request and
-        the resources granted (``grant``; None when nothing was). ``env``'s
-        kind, tenant and request must not change afterwards."""
+    def record(
+        self, kind: int, tenant: str, outcome: int, requested: Resources, grant: Resources | None
+    ) -> None:
+        """Count one admission decision (``outcome``) of a ``kind`` call by
+        ``tenant``: the resources requested and granted (``grant``; None when
+        nothing was)."""
+        amounts = _quantities(requested)
+        if grant is None:
+            granted: _Amounts = ()
+        elif outcome == OUTCOME_ADMITTED:  # granted as asked
+            granted = amounts
+        else:
+            granted = _quantities(grant)
         queued = self._queued
-        queued.append((env, outcome, grant))
+        queued.append((kind, tenant, outcome, amounts, granted))
         if len(queued) >= self._fold_every:
             with self._lock:
                 self._fold()
@@ -283,18 +296,9 @@ class Metrics:
         queued = self._queued
         while True:
             try:
-                env, outcome, grant = queued.popleft()
+                kind, tenant, outcome, requested, granted = queued.popleft()
             except IndexError:
                 return
-            kind = env.execution.kind
-            tenant = env.principal.tenant
-            requested = _quantities(env.requested)
-            if grant is None:
-                granted: list[tuple[str, int]] = []
-            elif outcome == OUTCOME_ADMITTED:  # granted as asked
-                granted = requested
-            else:
-                granted = _quantities(grant)
             self._add(0, (kind, tenant, outcome), 1)
             for name, value in requested:
                 self._add(1, (kind, tenant, name), value)
@@ -308,7 +312,7 @@ class Metrics:
         sums[key] = sums.get(key, 0) + value
 
 
-def _quantities(resources: Resources) -> list[tuple[str, int]]:
+def _quantities(resources: Resources) -> _Amounts:
     # Every resource field but the accelerator type is a quantity.
     return [(field.name, value) for field, value in resources.ListFields() if value.__class__ is int]
 

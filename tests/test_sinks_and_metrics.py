@@ -26,7 +26,13 @@ from envelope_grpc import (
 )
 from envelope_grpc._telemetry import Metrics
 from envelope_grpc.testing.v1 import testing_pb2 as pb
-from envelope_grpc.v1.envelope_pb2 import DecisionOutcome, ExecutionEnvelope, ExecutionKind, ResourceDimension
+from envelope_grpc.v1.envelope_pb2 import (
+    DecisionOutcome,
+    ExecutionEnvelope,
+    ExecutionKind,
+    ResourceDimension,
+    Resources,
+)
 from tests.conftest import Backend
 
 
@@ -183,11 +189,13 @@ def test_admission_metrics_sum_in_process_and_overflow_past_the_series_limit() -
     provider = MeterProvider(metric_readers=[reader])
     counts = Metrics(provider, max_series=2)
     for tenant in ("acme", "acme", "globex", "initech", "umbrella"):
-        env = new_envelope("/a.B/C")
-        env.execution.kind = ExecutionKind.EXECUTION_KIND_INFERENCE
-        env.principal.tenant = tenant
-        env.requested.tokens = 10
-        counts.record(env, DecisionOutcome.DECISION_OUTCOME_ADMITTED, None)  # nothing granted
+        counts.record(  # nothing granted
+            ExecutionKind.EXECUTION_KIND_INFERENCE,
+            tenant,
+            DecisionOutcome.DECISION_OUTCOME_ADMITTED,
+            Resources(tokens=10),
+            None,
+        )
 
     overflow = (("otel.metric.overflow", True),)
     assert _points(reader, "execution_envelope.admissions") == {
