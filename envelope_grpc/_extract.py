@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fnmatch
+import keyword
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -236,7 +237,7 @@ class _Source:
         pad = "    " * indent
         for field in message.fields:
             options = field.GetOptions()
-            read = f"{var}.{field.name}"
+            read = _read(var, field.name)
             if options.HasExtension(options_pb2.field):
                 value = self.name("v")
                 apply = self.apply(options.Extensions[options_pb2.field], field, value, indent + 1)
@@ -300,6 +301,12 @@ class _Source:
                     f"{pad}found.requested.{name} = {total}",
                 ]
         return [f"{pad}{self.constant(_applier(rule))}(found, {value})"]
+
+
+def _read(var: str, name: str) -> str:
+    """Source that reads field ``name`` of ``var``: an attribute, or getattr
+    for a field named like a Python keyword ("from", "class", ...)."""
+    return f"getattr({var}, {name!r})" if keyword.iskeyword(name) else f"{var}.{name}"
 
 
 _INTEGERS: Final = frozenset(

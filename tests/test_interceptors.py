@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
@@ -28,6 +29,7 @@ from envelope_grpc import (
     validate,
 )
 from envelope_grpc.testing.v1 import testing_pb2 as pb
+from envelope_grpc.v1 import options_pb2
 from envelope_grpc.v1.envelope_pb2 import (
     DecisionOutcome,
     EnforcementMode,
@@ -40,6 +42,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     Resources,
     Target,
 )
+from envelope_grpc.v1.options_pb2 import FieldRule, TargetField
 from tests.conftest import Backend, error_info, server_span, states
 
 SERVICE = "/envelope_grpc.testing.v1.ExecutionTestService"
@@ -845,3 +848,69 @@ def test_call_cancelled_during_blocking_admission_still_ends_and_releases(backen
     assert states(env)[-1] == "CANCELLED"
     assert counting.released == [env.envelope_id]
     assert validate(env) == []
+
+
+def _pool_with(file: descriptor_pb2.FileDescriptorProto) -> descriptor_pool.DescriptorPool:
+    """A pool holding ``file`` and the files it imports, copied from the default pool."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(name: str) -> None:
+        if name in added:
+            return
+        found = descriptor_pool.Default().FindFileByName(name)
+        for dependency in found.dependencies:
+            add(dependency.name)
+        proto = descriptor_pb2.FileDescriptorProto()
+        found.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(name)
+
+    for dependency in file.dependency:
+        add(dependency)
+    pool.Add(file)
+    return pool
+
+
+def test_declared_fields_named_like_python_keywords_are_extracted() -> None:
+    file = descriptor_pb2.FileDescriptorProto(
+        name="keywords/v1/keywords.proto",
+        package="keywords.v1",
+        syntax="proto3",
+        dependency=["envelope_grpc/v1/options.proto"],
+    )
+    request = file.message_type.add(name="Request")
+    for number, (name, kind, rule) in enumerate(
+        (
+            (
+                "from",
+                descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+                FieldRule(target=TargetField.TARGET_FIELD_NAME),
+            ),
+            ("lambda", descriptor_pb2.FieldDescriptorProto.TYPE_INT64, FieldRule(resource=TOKENS)),
+            ("class", descriptor_pb2.FieldDescriptorProto.TYPE_STRING, FieldRule(hint="class")),
+        ),
+        start=1,
+    ):
+        field = request.field.add(
+            name=name, number=number, type=kind, label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
+        )
+        field.options.Extensions[options_pb2.field].CopyFrom(rule)
+    service = file.service.add(name="Models")
+    method = service.method.add(
+        name="Run", input_type=".keywords.v1.Request", output_type=".keywords.v1.Request"
+    )
+    method.options.Extensions[options_pb2.method].kind = INFERENCE
+    pool = _pool_with(file)
+    message = message_factory.GetMessageClass(pool.FindMessageTypeByName("keywords.v1.Request"))(
+        **{"from": "model-a", "lambda": 7, "class": "gold"}
+    )
+    plan = ExtractorRegistry(pool=pool).plan("/keywords.v1.Models/Run")
+    assert plan.extractor is not None
+    found = plan.extractor(message)
+    assert (found.kind, found.target.name, found.requested, dict(found.scope.hints)) == (
+        INFERENCE,
+        "model-a",
+        Resources(tokens=7),
+        {"class": "gold"},
+    )
