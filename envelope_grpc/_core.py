@@ -14,9 +14,10 @@ import contextvars
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import grpc
 import protovalidate
@@ -97,12 +98,25 @@ class EnvelopeConfig:
     max_sink_queue: int = 10_000
 
 
+class _End(NamedTuple):
+    """How a call ended: its terminal state, the step's reason, status and
+    details, when, and its message counts and sizes at that moment."""
+
+    state: LifecycleState.ValueType
+    reason: str
+    code: grpc.StatusCode
+    details: str
+    ns: int
+    usage: tuple[tuple[str, int], ...]
+    streamed: bool
+
+
 class Call:
     """One call: its envelope's facts, and what became of it, kept plain.
 
-    The facts (ids, principal, execution, requested, scope, lineage, flags)
-    are written into ``env`` as they are found; policies read them there.
-    The trace and span ids, the request digest, the lifecycle, the decision,
+    The facts (ids, principal, execution, requested, scope, lineage, flags,
+    request digest) are written into ``env`` as they are found; policies
+    read them there. The trace and span ids, the lifecycle, the decision,
     the admission grant and the outcome are kept as plain values until
     someone needs the whole envelope (``envelope()``: the handler API, a
     write-ahead sink, a releasing policy, or the sinks on their own thread);
@@ -112,8 +126,8 @@ class Call:
     """
 
     __slots__ = (
+        "_lock",
         "admission",
-        "digested",
         "ended",
         "env",
         "finish",
@@ -141,11 +155,13 @@ class Call:
             (model.RECEIVED, k.ACTOR_RECEIVER, "", started_ns)
         ]
         self.admission: Admission | None = None
-        #: How the call ended (status code, details, ns), once it has.
-        self.finish: tuple[grpc.StatusCode, str, int] | None = None
+        #: How the call ended, once it has.
+        self.finish: _End | None = None
+        #: Whether ``env`` holds everything; set once it does.
         self.materialized = False
-        #: The first request message, serialized, for the request digest.
-        self.digested: bytes | None = None
+        # Building the envelope and ending the call may happen on two threads
+        # (a handler thread or the sinks' thread, and the call's own).
+        self._lock = threading.Lock()
 
     def count_request(self, message: Message) -> None:
         """Count one request message."""
@@ -168,64 +184,78 @@ class Call:
     def envelope(self) -> ExecutionEnvelope:
         """The whole envelope so far; the plain values are written into it
         the first time, and every later step goes straight into it."""
-        env = self.env
         if self.materialized:
-            return env
-        self.materialized = True
-        span_context = self.span.get_span_context()
-        if span_context.is_valid:
-            env.trace_id = format(span_context.trace_id, "032x")
-            env.span_id = format(span_context.span_id, "016x")
-        if self.digested is not None:
-            env.execution.request_digest = "sha256:" + hashlib.sha256(self.digested).hexdigest()
-        lifecycle = env.lifecycle
-        model.stamp(lifecycle.start_time, self.started_ns)
-        state = model.UNSPECIFIED
-        for to, actor, reason, ns in self.steps:
-            model.write_step(lifecycle, state, to, actor, reason, ns)
-            state = to
-        admission = self.admission
-        if admission is not None:
-            admission.write(env.decision)
-            if admission.denied is None:
-                model.write_grant(
-                    env,
-                    STAGE_ADMISSION,
-                    admission.granted,
-                    reason_code=admission.reason_code,
-                    reason=admission.message,
-                    actor=k.ACTOR_ADMISSION,
-                    now_ns=admission.time_ns,
-                )
-        if self.finish is not None:
-            self._write_finish(*self.finish)
-        return env
+            return self.env
+        with self._lock:
+            if not self.materialized:
+                self._build()
+                self.materialized = True
+        return self.env
+
+    def _build(self) -> None:
+        """Write the plain values into the envelope: all of them, or (when
+        one cannot be written) none."""
+        env = self.env
+        try:
+            span_context = self.span.get_span_context()
+            if span_context.is_valid:
+                env.trace_id = format(span_context.trace_id, "032x")
+                env.span_id = format(span_context.span_id, "016x")
+            lifecycle = env.lifecycle
+            model.stamp(lifecycle.start_time, self.started_ns)
+            state = model.UNSPECIFIED
+            for to, actor, reason, ns in self.steps:
+                model.write_step(lifecycle, state, to, actor, reason, ns)
+                state = to
+            admission = self.admission
+            if admission is not None:
+                admission.write(env.decision)
+                if admission.denied is None:
+                    model.write_grant(
+                        env,
+                        STAGE_ADMISSION,
+                        admission.granted,
+                        reason_code=admission.reason_code,
+                        reason=admission.message,
+                        actor=k.ACTOR_ADMISSION,
+                        now_ns=admission.time_ns,
+                    )
+            if self.finish is not None:
+                self._write_end(self.finish)
+        except Exception:
+            for name in ("trace_id", "span_id", "lifecycle", "decision", "grants", "outcome"):
+                env.ClearField(name)
+            raise
 
     def end(self, code: grpc.StatusCode, details: str) -> None:
         """End the call with ``code``; an envelope already built records it at once."""
-        self.finish = (code, details[:1024], time.time_ns())
-        if self.materialized:  # the handler holds the envelope: it sees the end
-            self._write_finish(*self.finish)
+        ns = time.time_ns()
+        usage = (
+            ("request_messages", self.request_messages),
+            ("response_messages", self.response_messages),
+            ("request_bytes", self.request_bytes),
+            ("response_bytes", self.response_bytes),
+            ("duration_ms", (ns - self.started_ns) // 1_000_000),
+        )
+        streamed = self.request_messages > 1 or self.response_messages > 1
+        state = _END_STATES.get(code, model.FAILED)
+        reason = "" if code is grpc.StatusCode.OK else code.name
+        finish = _End(state, reason, code, details[:1024], ns, usage, streamed)
+        with self._lock:
+            self.finish = finish
+            if self.materialized:  # the handler holds the envelope: it sees the end
+                self._write_end(finish)
 
-    def _write_finish(self, code: grpc.StatusCode, details: str, ns: int) -> None:
+    def _write_end(self, finish: _End) -> None:
         env = self.env
         outcome = env.outcome
         usage = outcome.usage
-        usage.request_messages = self.request_messages
-        usage.request_bytes = self.request_bytes
-        usage.response_messages = self.response_messages
-        usage.response_bytes = self.response_bytes
-        usage.duration_ms = (ns - self.started_ns) // 1_000_000
-        outcome.status_code = code.value[0]
-        if details:
-            outcome.status_message = details
-        model.transition(
-            env,
-            _END_STATES.get(code, model.FAILED),
-            actor=k.ACTOR_COMPLETION,
-            reason=_end_reason(code),
-            now_ns=ns,
-        )
+        for name, value in finish.usage:
+            setattr(usage, name, value)
+        outcome.status_code = finish.code.value[0]
+        if finish.details:
+            outcome.status_message = finish.details
+        model.transition(env, finish.state, actor=k.ACTOR_COMPLETION, reason=finish.reason, now_ns=finish.ns)
 
     def progress(self) -> Progress:
         """What became of the call, for its span."""
@@ -235,26 +265,18 @@ class Call:
         finish = self.finish
         if admission is None or finish is None:
             raise RuntimeError("a call that is neither refused nor ended has no progress to tell")
-        code, _, ns = finish
-        end_state = _END_STATES.get(code, model.FAILED)
         return Progress(
-            state=end_state,
+            state=finish.state,
             outcome=admission.outcome,
             policy=admission.deciding_policy,
             reason=admission.reason_code,
             mode=admission.mode if admission.runs else None,
             fail_open=admission.fail_open,
             granted=admission.granted if admission.outcome != OUTCOME_ADMITTED else None,
-            usage=(
-                ("request_messages", self.request_messages),
-                ("response_messages", self.response_messages),
-                ("request_bytes", self.request_bytes),
-                ("response_bytes", self.response_bytes),
-                ("duration_ms", (ns - self.started_ns) // 1_000_000),
-            ),
-            streamed=self.request_messages > 1 or self.response_messages > 1,
+            usage=finish.usage,
+            streamed=finish.streamed,
             binding=None,
-            steps=(*self.steps, (end_state, k.ACTOR_COMPLETION, _end_reason(code), ns)),
+            steps=(*self.steps, (finish.state, k.ACTOR_COMPLETION, finish.reason, finish.ns)),
             start_ns=self.started_ns,
             error="",
         )
@@ -265,10 +287,6 @@ _END_STATES: Final = {
     grpc.StatusCode.CANCELLED: model.CANCELLED,
     grpc.StatusCode.DEADLINE_EXCEEDED: model.CANCELLED,
 }
-
-
-def _end_reason(code: grpc.StatusCode) -> str:
-    return "" if code is grpc.StatusCode.OK else code.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,7 +500,7 @@ class Core:
         if found is not None and (found.tenant or found.project):
             _declared(env, found)
         if request is not None and 0 < call.request_bytes <= self.config.digest_max_bytes:
-            call.digested = request.SerializeToString()  # hashed when the envelope is built
+            execution.request_digest = "sha256:" + hashlib.sha256(request.SerializeToString()).hexdigest()
         call.step(model.NORMALIZED, k.ACTOR_EXTRACTOR)
         return None
 

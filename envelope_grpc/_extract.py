@@ -422,14 +422,11 @@ def _resource_applier(rule: FieldRule) -> _Apply:
         raise ValueError(f"not a quantity dimension: {rule.resource}")
     scale = rule.scale or 1
 
-    def add(found: Extraction, value: Any) -> None:
-        if value.__class__ is int:  # exact
-            amount = value * scale
-        else:
-            number = float(value) * scale
-            if not math.isfinite(number) or abs(number) >= _INT64:
-                raise ValueError(f"{name} is out of range")
-            amount = round(number)
+    def add(found: Extraction, value: Any) -> None:  # integers are added by compiled code, exactly
+        number = float(value) * scale
+        if not math.isfinite(number) or abs(number) >= _INT64:
+            raise ValueError(f"{name} is out of range")
+        amount = round(number)
         requested = found.requested
         total = getattr(requested, name) + amount if requested.HasField(name) else amount
         if abs(total) >= _INT64 or abs(amount) >= _INT64:

@@ -79,8 +79,8 @@ class Policy(Protocol):
     """An admission policy: reads the envelope, returns a verdict.
 
     The envelope holds the call's facts: its ids, principal, execution
-    (method, kind, target, deadline), requested resources, scope, lineage
-    and flags. The trace ids, request digest, lifecycle and decision are
+    (method, kind, target, deadline, request digest), requested resources,
+    scope, lineage and flags. The trace ids, lifecycle and decision are
     written after admission."""
 
     def __call__(self, envelope: ExecutionEnvelope, /) -> Verdict: ...
@@ -162,10 +162,15 @@ def error_text(error: BaseException) -> str:
 def _checked(verdict: object) -> Verdict:
     """``verdict`` if it is one the contract can record; a malformed verdict
     is the policy's failure, not a decision."""
+    if not isinstance(verdict, Allow | Narrow | Deny):
+        raise TypeError(f"a policy returned {type(verdict).__name__}, not Allow, Narrow or Deny")
+    # Checked now, so that writing the decision into the envelope later cannot fail.
+    for text in (verdict.message, *verdict.rule_ids):
+        if text.__class__ is not str:
+            raise TypeError(f"a verdict's message and rule ids are text, not {type(text).__name__}")
+        text.encode()  # text that cannot be UTF-8 (a lone surrogate) cannot be recorded
     if isinstance(verdict, Allow):
         return verdict
-    if not isinstance(verdict, Narrow | Deny):
-        raise TypeError(f"a policy returned {type(verdict).__name__}, not Allow, Narrow or Deny")
     if not is_reason_code(verdict.reason_code) or not verdict.message:
         raise ValueError(f"a {type(verdict).__name__} needs a reason code like LIMIT_EXCEEDED and a message")
     if isinstance(verdict, Deny) and verdict.code is grpc.StatusCode.OK:

@@ -268,7 +268,8 @@ class Metrics:
                     yield Observation(total, {"otel.metric.overflow": True})
                 else:
                     name = OUTCOME_NAMES[value] if isinstance(value, int) else value
-                    yield Observation(total, {_KIND: KIND_NAMES[kind], _TENANT: tenant, key: name})
+                    kind_name = KIND_NAMES.get(kind, str(kind))  # a kind the contract does not name
+                    yield Observation(total, {_KIND: kind_name, _TENANT: tenant, key: name})
 
         return observe
 

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
@@ -28,6 +29,10 @@ from envelope_grpc import (
     to_json,
     validate,
 )
+from envelope_grpc import _envelope as model
+from envelope_grpc._core import Call
+from envelope_grpc._envelope import blank_envelope
+from envelope_grpc._policy import Admission, admit
 from envelope_grpc.testing.v1 import testing_pb2 as pb
 from envelope_grpc.v1 import options_pb2
 from envelope_grpc.v1.envelope_pb2 import (
@@ -514,6 +519,28 @@ def test_a_call_whose_envelope_the_handler_never_reads_is_recorded_the_same(
     assert attributes[0]["execution_envelope.decision.mode"] == "enforce"
 
 
+def test_an_envelope_that_cannot_be_built_is_left_unwritten(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = blank_envelope("/a.B/C")
+    call = Call(env, trace.INVALID_SPAN, time.time_ns())
+    call.step(model.NORMALIZED, "extractor")
+    call.admission = admit(env, (), fail_open=False)
+
+    def broken(self: Admission, decision: Any) -> None:
+        decision.mode = EnforcementMode.ENFORCEMENT_MODE_ENFORCE
+        raise RuntimeError("cannot write")
+
+    monkeypatch.setattr(Admission, "write", broken)
+    with pytest.raises(RuntimeError, match="cannot write"):
+        call.envelope()
+    assert (call.materialized, env.HasField("lifecycle"), env.HasField("decision")) == (False, False, False)
+    monkeypatch.undo()
+    call.step(model.ADMITTED, "admission")
+    call.end(grpc.StatusCode.OK, "")
+    built = call.envelope()
+    assert states(built) == ["RECEIVED", "NORMALIZED", "ADMITTED", "COMPLETED"]
+    assert validate(built) == []
+
+
 def test_limits_policy_denies_with_status_and_error_info(backend: Start, spans: InMemorySpanExporter) -> None:
     server = backend(EnvelopeConfig(policies=[LimitsPolicy([Limit(TOKENS, 100, deny=True)])]))
     with pytest.raises(grpc.RpcError) as caught:
@@ -785,8 +812,17 @@ def test_request_value_out_of_range_is_refused_not_admitted_blind(backend: Start
             "ValueError: a Narrow needs a reason code like LIMIT_EXCEEDED and a message",
         ),
         (Deny(grpc.StatusCode.OK, "NOPE", "no"), "ValueError: a Deny cannot carry status OK"),
+        (
+            Allow(rule_ids=("r1", 2)),  # type: ignore[arg-type]
+            "TypeError: a verdict's message and rule ids are text, not int",
+        ),
+        (
+            Narrow(Resources(tokens=1), "CAPPED", "half a \ud800 surrogate"),
+            "UnicodeEncodeError: 'utf-8' codec can't encode character '\\ud800' in position 7: "
+            "surrogates not allowed",
+        ),
     ],
-    ids=["none", "narrow-without-reason", "deny-ok"],
+    ids=["none", "narrow-without-reason", "deny-ok", "rule-id-not-text", "message-not-utf8"],
 )
 def test_malformed_verdict_fails_closed_and_releases(backend: Start, verdict: Any, error: str) -> None:
     counting = Counting()
