@@ -562,7 +562,9 @@ class Core:
                 self._emit(call)
             outcome = env.outcome
             code = _CODES.get(outcome.status_code, grpc.StatusCode.UNKNOWN)
-            return abort_status(env, code, outcome.reason_code, outcome.status_message, {})
+            policy = env.decision.deciding_policy
+            extra = {"policy": policy} if policy else {}
+            return abort_status(env, code, outcome.reason_code, outcome.status_message, extra)
         if state == model.RECEIVED:
             model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
         elif state != model.NORMALIZED or env.grants:

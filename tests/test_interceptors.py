@@ -26,6 +26,7 @@ from envelope_grpc import (
     LimitsPolicy,
     Narrow,
     PolicySpec,
+    _core,
     to_json,
     validate,
 )
@@ -565,7 +566,7 @@ def test_limits_policy_denies_with_status_and_error_info(backend: Start, spans: 
 def test_a_failing_metrics_recorder_changes_no_decision(backend: Start) -> None:
     server = backend(EnvelopeConfig(policies=[LimitsPolicy([Limit(TOKENS, 100, deny=True)])]))
 
-    def record(env: ExecutionEnvelope) -> None:
+    def record(*counted: Any) -> None:
         raise RuntimeError("the meter is down")
 
     server.interceptor.core.metrics.record = record
@@ -579,6 +580,32 @@ def test_a_failing_metrics_recorder_changes_no_decision(backend: Start) -> None:
     )
     assert states(refused) == ["RECEIVED", "NORMALIZED", "REJECTED"]
     assert states(admitted) == ["RECEIVED", "NORMALIZED", "ADMITTED", "COMPLETED"]
+
+
+def test_a_refusal_stands_when_reporting_it_fails(backend: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = backend(EnvelopeConfig(policies=[LimitsPolicy([Limit(TOKENS, 100, deny=True)])]))
+    failures = [RuntimeError("status could not be built")]
+    build = _core.abort_status
+
+    def abort_status_once(*args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return build(*args)
+
+    monkeypatch.setattr(_core, "abort_status", abort_status_once)
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(RUN)
+    (refused,) = server.envelopes(1)
+    info = error_info(caught.value)
+    assert (caught.value.code(), info.reason, dict(info.metadata)) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "LIMIT_EXCEEDED",
+        {"envelope_id": refused.envelope_id, "policy": "limits"},
+    )
+    assert failures == []
+    assert states(refused) == ["RECEIVED", "NORMALIZED", "REJECTED"]
+    assert refused.decision.deciding_policy == "limits"
+    assert validate(refused) == []
 
 
 def broken(envelope: ExecutionEnvelope, /) -> Allow:
