@@ -10,8 +10,10 @@ status. Get, List and Stop read and change the deployments kept in memory.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import heapq
 import threading
 import time
 import uuid
@@ -44,6 +46,8 @@ SERVICE_NAME: Final = "services.deployment.v1.DeploymentService"
 DEPLOY_METHOD: Final = f"/{SERVICE_NAME}/DeployModel"
 #: Deployments per ListDeployments page when the caller names no size, and the most.
 DEFAULT_PAGE_SIZE: Final = 50
+#: Ended deployments kept readable, most recent first.
+DEFAULT_RETAIN_ENDED: Final = 10_000
 MAX_PAGE_SIZE: Final = 1000
 
 #: The status code of each kind of placement refusal.
@@ -101,15 +105,28 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
 
     ``clock`` (seconds, monotonic) decides when a deployment's lifetime ends:
     an expired deployment frees its accelerators and reads as EXPIRED.
+    Ended deployments (stopped or expired) stay readable until
+    ``retain_ended`` more recent ones have ended.
     """
 
     def __init__(
-        self, inventory: Inventory | None = None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        inventory: Inventory | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        retain_ended: int = DEFAULT_RETAIN_ENDED,
     ) -> None:
+        if retain_ended < 0:
+            raise ValueError(f"retain_ended must not be negative: {retain_ended}")
         self.engine = PlacementEngine(inventory) if inventory is not None else PlacementEngine()
         self._clock = clock
+        self._retain_ended = retain_ended
         self._lock = threading.Lock()
         self._deployments: dict[str, _Record] = {}
+        #: (expiry, id) of every deployment with a lifetime, soonest first.
+        self._expiries: list[tuple[float, str]] = []
+        #: Ended deployments, in the order they ended.
+        self._ended: collections.deque[str] = collections.deque()
 
     # -- DeployModel -------------------------------------------------------------------
 
@@ -161,6 +178,8 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
             lifetime = placement.granted.duration_ms
             expires = self._clock() + lifetime / 1000 if lifetime is not None else None
             self._deployments[deployment_id] = _Record(self._deployment(request, placement, env), expires)
+            if expires is not None:
+                heapq.heappush(self._expiries, (expires, deployment_id))
             return placement
 
     @staticmethod
@@ -276,8 +295,7 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
             self._reap()
             found = self._find(request.deployment_id, context)
             if found.deployment.state == RUNNING:
-                self.engine.release(request.deployment_id)
-                found.deployment.state = STOPPED
+                self._end(request.deployment_id, found, STOPPED)
             return pb.StopDeploymentResponse(deployment=found.deployment)
 
     def _find(self, deployment_id: str, context: grpc.ServicerContext) -> _Record:
@@ -298,11 +316,19 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
     def _reap(self) -> None:
         """End the deployments whose lifetime ran out (lock held)."""
         now = self._clock()
-        for key, record in self._deployments.items():
-            if (
-                record.deployment.state == RUNNING
-                and record.expires_at is not None
-                and record.expires_at <= now
-            ):
-                record.deployment.state = EXPIRED
-                self.engine.release(key)
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            _, key = heapq.heappop(expiries)
+            record = self._deployments.get(key)
+            if record is not None and record.deployment.state == RUNNING:
+                self._end(key, record, EXPIRED)
+
+    def _end(self, key: str, record: _Record, state: pb.DeploymentState.ValueType) -> None:
+        """Free a running deployment's accelerators and mark it ``state``;
+        forget the oldest ended deployments past the retention (lock held)."""
+        self.engine.release(key)
+        record.deployment.state = state
+        ended = self._ended
+        ended.append(key)
+        while len(ended) > self._retain_ended:
+            self._deployments.pop(ended.popleft(), None)

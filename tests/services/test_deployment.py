@@ -1008,6 +1008,41 @@ def test_a_deployment_expires_after_its_lifetime(serve: Callable[..., Server]) -
     assert servicer.engine.allocations() == {}
 
 
+def test_ended_deployments_stay_readable_until_newer_ones_have_ended(serve: Callable[..., Server]) -> None:
+    now = [1000.0]
+    servicer = DeploymentServicer(clock=lambda: now[0], retain_ended=2)
+    service = _runtime.Service(
+        SERVICE_NAME,
+        lambda grpc_server: pb_grpc.add_DeploymentServiceServicer_to_server(servicer, grpc_server),
+    )
+    server = serve(service_list=[service])
+    small = {"lb_port": None, "max_replicas": 1, "accelerator_count": 1, "accelerator_memory_gib": 80}
+    stopped, expiring, running, last = (
+        server.stub.DeployModel(deploy_request(**small, **ask), timeout=10).deployment.deployment_id
+        for ask in ({}, {"lifetime_seconds": 60}, {}, {})
+    )
+    server.stub.StopDeployment(pb.StopDeploymentRequest(deployment_id=stopped), timeout=10)
+    now[0] += 60
+    server.stub.StopDeployment(pb.StopDeploymentRequest(deployment_id=last), timeout=10)
+
+    def state(deployment_id: str) -> Any:
+        get = pb.GetDeploymentRequest(deployment_id=deployment_id)
+        try:
+            return server.stub.GetDeployment(get, timeout=10).deployment.state
+        except grpc.RpcError as error:
+            return error.code()
+
+    assert [state(d) for d in (stopped, expiring, running, last)] == [
+        grpc.StatusCode.NOT_FOUND,  # the oldest of three ended: forgotten
+        pb.DeploymentState.DEPLOYMENT_STATE_EXPIRED,
+        pb.DeploymentState.DEPLOYMENT_STATE_RUNNING,
+        pb.DeploymentState.DEPLOYMENT_STATE_STOPPED,
+    ]
+    listed = server.stub.ListDeployments(pb.ListDeploymentsRequest(), timeout=10).deployments
+    assert sorted(d.deployment_id for d in listed) == sorted([expiring, running, last])
+    assert set(servicer.engine.allocations()) == {running}
+
+
 def test_health_and_reflection(server: Server) -> None:
     health = health_pb2_grpc.HealthStub(server.channel)
     for name in (SERVICE_NAME, ""):
