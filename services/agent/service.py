@@ -17,9 +17,10 @@ Budget enforcement: before a tool step starts it reserves
 ``min(step_max_tokens, tokens left)`` tokens and one tool call; a step ends
 by giving back what it did not use. A step that finds no tool call left, or
 no token left once the running steps have ended, is SKIPPED and no call is
-made. Every downstream call carries the run's envelope (lineage) and the
-trace context; its envelope id, read from the call's trailing metadata, is
-recorded on the step.
+made. Every downstream call carries the run's envelope (lineage), the
+trace context and the caller's bearer credential (``authorization``), so
+that the inference service admits each step as the caller; its envelope id,
+read from the call's trailing metadata, is recorded on the step.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from opentelemetry.trace import TracerProvider
 import envelope_grpc
 from envelope_grpc.v1.envelope_pb2 import Binding, ExecutionEnvelope, Resources, Usage
 from services._handler import abort, admission_grant
-from services.agent.tools import InferenceTools, ToolError, ToolResult
+from services.agent.tools import Credentials, InferenceTools, ToolError, ToolResult
 from services.agent.v1 import agent_pb2, agent_pb2_grpc
 from services.agent.v1.agent_pb2 import RunWorkflowRequest, RunWorkflowResponse, Step, StepKind, StepStatus
 
@@ -260,8 +261,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             output="; ".join(task for _, task in plan.tasks),
         )
         yield planner
+        # The steps act for the caller: its credential goes with each of them.
+        credentials = tuple(
+            (key, value) for key, value in context.invocation_metadata() or () if key == "authorization"
+        )
         ended: dict[int, Step] = {}
-        for step in self._execute(plan):
+        for step in self._execute(plan, credentials):
             ended[step.index] = step
             yield step
         tools = [ended[index] for index in sorted(ended)]
@@ -286,9 +291,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             ),
         )
 
-    def _execute(self, plan: Plan) -> Iterator[Step]:
+    def _execute(self, plan: Plan, credentials: Credentials) -> Iterator[Step]:
         """Run the tool steps, at most ``plan.width`` at once, within the
-        budget; yields each step as it ends."""
+        budget, each sending ``credentials``; yields each step as it ends."""
         tokens_left = plan.tokens
         calls_left = plan.tool_calls
         pending: set[futures.Future[Step]] = set()
@@ -330,19 +335,29 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 # Each step runs in a copy of this context: the envelope (for the
                 # lineage) and the server span (for the trace) go along.
                 context = contextvars.copy_context()
-                pending.add(pool.submit(context.run, self._tool, index, kind, task, allowed, plan.tenant))
+                pending.add(
+                    pool.submit(context.run, self._tool, index, kind, task, allowed, plan.tenant, credentials)
+                )
             while pending:
                 yield from collect(futures.FIRST_COMPLETED)
 
-    def _tool(self, index: int, kind: StepKind.ValueType, task: str, allowed: int, tenant: str) -> Step:
+    def _tool(
+        self,
+        index: int,
+        kind: StepKind.ValueType,
+        task: str,
+        allowed: int,
+        tenant: str,
+        credentials: Credentials,
+    ) -> Step:
         step = Step(index=index, kind=kind, input=task, tokens_allowed=allowed)
         try:
             if kind == EMBED:
-                result: ToolResult = self.tools.embed(task, allowed, tenant=tenant)
+                result: ToolResult = self.tools.embed(task, allowed, tenant=tenant, credentials=credentials)
                 step.embedding.extend(result.embedding)
                 step.output = f"{len(result.embedding)}-dimensional embedding of {result.tokens} tokens"
             else:
-                result = self.tools.generate(task, allowed, tenant=tenant)
+                result = self.tools.generate(task, allowed, tenant=tenant, credentials=credentials)
                 step.output = result.text
         except ToolError as error:
             step.status = FAILED

@@ -31,6 +31,8 @@ import envelope_grpc
 
 #: Trailing metadata naming the downstream call's envelope.
 ENVELOPE_ID_METADATA: Final = "x-execution-envelope-id"
+#: Metadata a tool call sends for the caller it acts for, e.g. (("authorization", "Bearer ..."),).
+Credentials = tuple[tuple[str, str | bytes], ...]
 GENERATOR: Final = "tiny-lm"
 EMBEDDER: Final = "text-embedder"
 
@@ -83,9 +85,12 @@ class InferenceTools:
         """Close the channel."""
         self._channel.close()
 
-    def generate(self, prompt: str, max_tokens: int, *, tenant: str = "") -> ToolResult:
-        """Generate at most ``max_tokens`` tokens after ``prompt`` with tiny-lm."""
-        result, model, envelope_id = self._infer(GENERATOR, "prompt", prompt, max_tokens, tenant)
+    def generate(
+        self, prompt: str, max_tokens: int, *, tenant: str = "", credentials: Credentials = ()
+    ) -> ToolResult:
+        """Generate at most ``max_tokens`` tokens after ``prompt`` with tiny-lm,
+        sending ``credentials`` (metadata pairs) with the call."""
+        result, model, envelope_id = self._infer(GENERATOR, "prompt", prompt, max_tokens, tenant, credentials)
         text = result.as_numpy("text")
         tokens = result.as_numpy("num_tokens")
         return ToolResult(
@@ -95,9 +100,12 @@ class InferenceTools:
             text=bytes(text[0]).decode("utf-8", "replace") if len(text) else "",
         )
 
-    def embed(self, text: str, max_tokens: int, *, tenant: str = "") -> ToolResult:
-        """Embed at most ``max_tokens`` tokens of ``text`` with text-embedder."""
-        result, model, envelope_id = self._infer(EMBEDDER, "text", text, max_tokens, tenant)
+    def embed(
+        self, text: str, max_tokens: int, *, tenant: str = "", credentials: Credentials = ()
+    ) -> ToolResult:
+        """Embed at most ``max_tokens`` tokens of ``text`` with text-embedder,
+        sending ``credentials`` (metadata pairs) with the call."""
+        result, model, envelope_id = self._infer(EMBEDDER, "text", text, max_tokens, tenant, credentials)
         embedding = result.as_numpy("embedding")
         return ToolResult(
             model=model,
@@ -107,7 +115,7 @@ class InferenceTools:
         )
 
     def _infer(
-        self, model: str, input_name: str, text: str, max_tokens: int, tenant: str
+        self, model: str, input_name: str, text: str, max_tokens: int, tenant: str, credentials: Credentials
     ) -> tuple[Any, str, str]:
         data = text.encode("utf-8")
         request = service_pb2.ModelInferRequest(model_name=model)
@@ -117,7 +125,9 @@ class InferenceTools:
         if tenant:
             request.parameters["tenant"].string_param = tenant
         try:
-            response, call = self._stub.ModelInfer.with_call(request, timeout=self.timeout)
+            response, call = self._stub.ModelInfer.with_call(
+                request, timeout=self.timeout, metadata=credentials or None
+            )
         except grpc.RpcError as error:
             if not isinstance(error, grpc.Call):
                 raise ToolError(model, grpc.StatusCode.UNKNOWN, str(error), "") from error

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import jwt
 import numpy as np
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -16,8 +17,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 import envelope_grpc
-from envelope_grpc import EnvelopeConfig, Limit, LimitsPolicy
+from envelope_grpc import EnvelopeConfig, JwtResolver, Limit, LimitsPolicy
 from envelope_grpc.v1.envelope_pb2 import (
+    AuthMethod,
     DecisionOutcome,
     ExecutionEnvelope,
     ExecutionKind,
@@ -45,7 +47,12 @@ class Stack:
     exporter; each keeps its envelopes."""
 
     def __init__(
-        self, *, inference_address: str | None = None, traced_client: bool = True, policies: Any = ()
+        self,
+        *,
+        inference_address: str | None = None,
+        traced_client: bool = True,
+        policies: Any = (),
+        resolvers: Any = (),
     ) -> None:
         self.spans = InMemorySpanExporter()
         self.provider = TracerProvider()
@@ -54,7 +61,9 @@ class Stack:
         self.agent_envelopes = Collector()
         self.inference = _runtime.start(
             inference.services(),
-            EnvelopeConfig(sinks=[self.inference_envelopes], trust_peer=_runtime.trusted_loopback),
+            EnvelopeConfig(
+                sinks=[self.inference_envelopes], trust_peer=_runtime.trusted_loopback, resolvers=resolvers
+            ),
             provider=self.provider,
         )
         self.agent = _runtime.start(
@@ -62,16 +71,16 @@ class Stack:
                 inference_address or self.inference.address,
                 tracer_provider=self.provider if traced_client else None,
             ),
-            EnvelopeConfig(sinks=[self.agent_envelopes], policies=policies),
+            EnvelopeConfig(sinks=[self.agent_envelopes], policies=policies, resolvers=resolvers),
             provider=self.provider,
         )
         self.channel = grpc.insecure_channel(self.agent.address)
         self.stub = pb_grpc.AgentServiceStub(self.channel)
         self._stopped = False
 
-    def run(self, request: pb.RunWorkflowRequest) -> tuple[pb.RunWorkflowResponse, str]:
+    def run(self, request: pb.RunWorkflowRequest, metadata: Any = None) -> tuple[pb.RunWorkflowResponse, str]:
         """RunWorkflow; the response and the run's envelope id from the trailers."""
-        response, call = self.stub.RunWorkflow.with_call(request, timeout=30)
+        response, call = self.stub.RunWorkflow.with_call(request, timeout=30, metadata=metadata)
         return response, str(dict(call.trailing_metadata())["x-execution-envelope-id"])
 
     def finish(self) -> tuple[list[ExecutionEnvelope], list[ExecutionEnvelope]]:
@@ -409,3 +418,42 @@ def test_main_parses_the_inference_flag(capsys: pytest.CaptureFixture[str]) -> N
     assert "127.0.0.1:8001" in out
     assert "--port" in out
     assert "--audit" in out
+
+
+def test_tool_calls_act_for_the_caller_with_its_credential() -> None:
+    secret = b"s" * 32
+    resolver = JwtResolver(keys=secret, algorithms=["HS256"], issuer="https://idp.test", audience="backend")
+    now = int(time.time())
+    token = jwt.encode(
+        {
+            "sub": "alice",
+            "tenant": "acme",
+            "iss": "https://idp.test",
+            "aud": "backend",
+            "exp": now + 300,
+            "nbf": now,
+            "iat": now,
+        },
+        secret,
+        algorithm="HS256",
+    )
+    stack = Stack(resolvers=[resolver])
+    try:
+        request = pb.RunWorkflowRequest(
+            workflow="research", goal=GOAL, budget=pb.Budget(max_tokens=64, max_tool_calls=2), fan_out=2
+        )
+        response, run_id = stack.run(request, metadata=(("authorization", f"Bearer {token}"),))
+        assert response.tool_calls == 2
+        runs, children = stack.finish()
+    finally:
+        stack.close()
+    (run,) = runs
+    assert len(children) == 2
+    for env in (run, *children):
+        principal = env.principal
+        assert (principal.subject, principal.tenant, principal.auth_method) == (
+            "alice",
+            "acme",
+            AuthMethod.AUTH_METHOD_JWT,
+        )
+    assert {child.lineage.parent_envelope_id for child in children} == {run_id}
