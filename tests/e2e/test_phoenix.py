@@ -336,8 +336,11 @@ def test_agent_run_tree(demo: Demo) -> None:
         assert attributes[NS + "root_id"] == run_id
         assert attributes[NS + "depth"] == 1
         assert attributes[NS + "kind"] == "inference"
+        # The agent sends its caller's token: each step is admitted as alice.
+        assert attributes[NS + "principal.subject"] == "alice"
+        assert attributes[NS + "principal.kind"] == "user"
         assert attributes[NS + "principal.tenant"] == "acme"
-        assert attributes[NS + "principal.kind"] == "anonymous"
+        assert attributes[NS + "principal.auth_method"] == "jwt"
         assert attributes[NS + "requested.tokens"] == 16
         assert attributes[NS + "decision.outcome"] == "admitted"
         assert attributes[NS + "state"] == "completed"
