@@ -40,7 +40,7 @@ proto-check: $(READY)
 	$(BIN)/python tools/gencheck.py build/gen
 	$(BIN)/buf lint build/contract.binpb --path envelope_grpc --path services
 	$(BIN)/buf format --diff --exit-code proto
-	$(BIN)/buf breaking build/contract.binpb --path envelope_grpc --against proto/baseline.binpb
+	$(BIN)/buf breaking build/contract.binpb --path envelope_grpc --path services --against proto/baseline.binpb
 
 # Accept the current contract as the baseline for `buf breaking`.
 baseline: $(READY)
