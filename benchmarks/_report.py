@@ -19,6 +19,12 @@ from typing import Any
 from benchmarks._client import CONCURRENT, SEQUENTIAL, Run, Workload
 from benchmarks._service import CONFIGS, LABELS
 
+
+def nearest_rank(ordered: Sequence[int], quantile: float) -> int:
+    """The ``quantile`` of ``ordered`` (sorted, not empty) by the nearest-rank method."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(quantile * len(ordered)) - 1))]
+
+
 Key = tuple[str, str, str, str]  # flavour, workload key, mode, config
 
 
@@ -76,8 +82,7 @@ class Result:
         """Client-observed latency of whole calls at ``quantile`` (nearest rank), in µs."""
         if not self.latencies_ns:
             return math.nan
-        ordered = sorted(self.latencies_ns)
-        return ordered[min(len(ordered) - 1, math.ceil(quantile * len(ordered)) - 1)] / 1e3
+        return nearest_rank(sorted(self.latencies_ns), quantile) / 1e3
 
     def problems(self) -> list[str]:
         """Whether the configuration did what it claims: one span per call, with

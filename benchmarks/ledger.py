@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks._report import nearest_rank
 from envelope_grpc import _envelope as model
 from envelope_grpc.ledger import LedgerError, LedgerSink, open_ledger
 from envelope_grpc.testing.postgres import PostgresUnavailable, TemporaryPostgres
@@ -190,13 +191,9 @@ def write_ahead(
     finally:
         sink.close()
     every = sorted(ns for mine in latencies for ns in mine)
-    p50, p99 = _quantile(every, 0.50), _quantile(every, 0.99)
+    p50, p99 = (nearest_rank(every, q) / 1e3 if every else 0.0 for q in (0.50, 0.99))
     label = f"write-ahead: durable admission + terminal, {threads} threads"
     return Result(backend, label, len(admitted), seconds, p50, p99)
-
-
-def _quantile(ordered: list[int], q: float) -> float:
-    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))] / 1e3 if ordered else 0.0
 
 
 def _check(url: str, expected: set[str]) -> list[str]:
