@@ -32,6 +32,7 @@ from envelope_grpc.testing.v1 import testing_pb2 as pb
 from envelope_grpc.v1.envelope_pb2 import (
     AuthMethod,
     DecisionOutcome,
+    DenialBasis,
     EnvelopeFlag,
     ExecutionEnvelope,
     PrincipalKind,
@@ -389,6 +390,27 @@ def test_resolver_chain_takes_the_first_that_answers(backend: Start) -> None:
     ]
     assert error_info(caught.value).reason == "TOKEN_INVALID_SIGNATURE"
     assert envelopes[3].decision.reason_code == "TOKEN_INVALID_SIGNATURE"
+
+
+def test_a_failing_identity_source_admits_nobody(backend: Start) -> None:
+    def directory(call: CallInfo) -> Any:
+        raise ConnectionError("directory unreachable")
+
+    server = backend(EnvelopeConfig(resolvers=[directory, hs_resolver()]))
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(REQUEST, metadata=bearer(hs256()))
+    (env,) = server.envelopes(1)
+    assert (caught.value.code(), caught.value.details(), error_info(caught.value).reason) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "identity could not be resolved (ConnectionError)",
+        "IDENTITY_ERROR",
+    )
+    assert (env.principal.subject, env.principal.auth_method) == ("", A.AUTH_METHOD_NONE)
+    assert (env.decision.deciding_policy, env.decision.denial_basis) == (
+        "identity",
+        DenialBasis.DENIAL_BASIS_ERROR,
+    )
+    assert validate(env) == []
 
 
 def test_repeated_identity_headers_are_refused_not_resolved_first_wins(backend: Start) -> None:

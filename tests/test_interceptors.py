@@ -437,6 +437,56 @@ def test_function_extractor_maps_a_foreign_proto(backend: Start) -> None:
     assert (env.execution.kind, env.execution.target.name) == (ExecutionKind.EXECUTION_KIND_CONTROL, "status")
 
 
+@pytest.mark.parametrize(
+    ("extract", "error"),
+    [
+        (lambda request: 1 / 0, "ZeroDivisionError"),
+        (lambda request: Extraction(kind=99), "ValueError"),  # type: ignore[arg-type]
+    ],
+    ids=["raises", "unknown-kind"],
+)
+def test_a_failing_function_extractor_refuses_the_call(backend: Start, extract: Any, error: str) -> None:
+    registry = ExtractorRegistry()
+    registry.register(f"{SERVICE}/Ping", extract, kind=ExecutionKind.EXECUTION_KIND_CONTROL)
+    server = backend(EnvelopeConfig(extractors=registry))
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Ping(pb.PingRequest(text="status"))
+    (env,) = server.envelopes(1)
+    assert (caught.value.code(), error_info(caught.value).reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "EXTRACTION_FAILED",
+    )
+    assert caught.value.details() == f"the request could not be mapped into an envelope ({error})"
+    assert env.execution.kind == ExecutionKind.EXECUTION_KIND_CONTROL
+    assert not env.execution.HasField("target")
+    assert list(env.flags) == [EnvelopeFlag.ENVELOPE_FLAG_EXTRACTION_FAILED]
+    assert states(env) == ["RECEIVED", "NORMALIZED", "REJECTED"]
+    assert validate(env) == []
+
+
+def test_an_unexpected_error_in_admission_fails_closed(
+    backend: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_admit(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("admission bug")
+
+    monkeypatch.setattr(_core, "admit", broken_admit)
+    server = backend(EnvelopeConfig())
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(RUN)
+    (env,) = server.envelopes(1)
+    info = error_info(caught.value)
+    assert (caught.value.code(), info.reason, dict(info.metadata)) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "POLICY_ERROR",
+        {"envelope_id": env.envelope_id, "policy": "admission"},
+    )
+    assert caught.value.details() == "admission failed (RuntimeError); the call is refused"
+    assert states(env) == ["RECEIVED", "NORMALIZED", "REJECTED"]
+    assert (env.decision.outcome, env.decision.deciding_policy) == (O.DECISION_OUTCOME_DENIED, "admission")
+    assert validate(env) == []
+
+
 TOKENS = ResourceDimension.RESOURCE_DIMENSION_TOKENS
 INFERENCE = ExecutionKind.EXECUTION_KIND_INFERENCE
 
@@ -540,6 +590,18 @@ def test_an_envelope_that_cannot_be_built_is_left_unwritten(monkeypatch: pytest.
     built = call.envelope()
     assert states(built) == ["RECEIVED", "NORMALIZED", "ADMITTED", "COMPLETED"]
     assert validate(built) == []
+
+
+def test_steps_after_the_envelope_is_built_go_straight_into_it() -> None:
+    env = blank_envelope("/a.B/C")
+    call = Call(env, trace.INVALID_SPAN, time.time_ns())
+    built = call.envelope()
+    assert states(built) == ["RECEIVED"]
+    call.step(model.NORMALIZED, "extractor", "CHECKED")
+    assert states(built) == ["RECEIVED", "NORMALIZED"]
+    assert built.lifecycle.transitions[-1].reason == "CHECKED"
+    with pytest.raises(RuntimeError, match="neither refused nor ended"):
+        Call(blank_envelope("/a.B/C"), trace.INVALID_SPAN, time.time_ns()).progress()
 
 
 def test_limits_policy_denies_with_status_and_error_info(backend: Start, spans: InMemorySpanExporter) -> None:

@@ -244,6 +244,24 @@ class Ahead:
         pass
 
 
+class FailingAhead(Ahead):
+    def admitted(self, envelope: ExecutionEnvelope, /) -> None:
+        raise OSError("disk full")
+
+
+def test_a_failing_write_ahead_record_is_counted_and_the_call_goes_on(backend: Any) -> None:
+    ahead = FailingAhead()
+    server: Backend = backend(EnvelopeConfig(sinks=[ahead]))
+    reply = server.stub.Run(pb.RunRequest(model="m"))
+    (env,) = server.envelopes(1)
+    assert server.interceptor.flush()
+    assert reply.envelope_id == env.envelope_id
+    assert [e.envelope_id for e in ahead.at_end] == [env.envelope_id]
+    stats = server.interceptor.sink_stats()
+    assert stats is not None
+    assert (stats.submitted, stats.written, stats.failed) == (1, 1, 1)
+
+
 def test_write_ahead_sink_records_admission_before_the_handler(backend: Any) -> None:
     ahead = Ahead()
     server: Backend = backend(EnvelopeConfig(sinks=[ahead]))
