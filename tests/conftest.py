@@ -266,8 +266,15 @@ class Backend:
         async def serve() -> None:
             interceptors = self._interceptors(envelope_grpc.aio)
             self.interceptor = interceptors[-1]
-            server = grpc.aio.server(interceptors=interceptors)
-            pb_grpc.add_ExecutionTestServiceServicer_to_server(AsyncServicer(self.downstream), server)
+            if self.flavor == "aio-sync":  # plain handlers, run by grpc.aio on a thread pool
+                server = grpc.aio.server(
+                    interceptors=interceptors, migration_thread_pool=futures.ThreadPoolExecutor(4)
+                )
+                servicer: Any = SyncServicer(self.downstream)
+            else:
+                server = grpc.aio.server(interceptors=interceptors)
+                servicer = AsyncServicer(self.downstream)
+            pb_grpc.add_ExecutionTestServiceServicer_to_server(servicer, server)
             port = self._bind(server)
             await server.start()
             started.set_result(port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
@@ -15,6 +16,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+import envelope_grpc
+import envelope_grpc.aio
 from envelope_grpc import (
     Action,
     Allow,
@@ -35,6 +38,7 @@ from envelope_grpc._core import Call
 from envelope_grpc._envelope import blank_envelope
 from envelope_grpc._policy import Admission, admit
 from envelope_grpc.testing.v1 import testing_pb2 as pb
+from envelope_grpc.testing.v1 import testing_pb2_grpc as pb_grpc
 from envelope_grpc.v1 import options_pb2
 from envelope_grpc.v1.envelope_pb2 import (
     DecisionOutcome,
@@ -49,7 +53,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     Target,
 )
 from envelope_grpc.v1.options_pb2 import FieldRule, TargetField
-from tests.conftest import Backend, error_info, server_span, states
+from tests.conftest import COMPLETED_PATH, Backend, error_info, server_span, states, transitions
 
 SERVICE = "/envelope_grpc.testing.v1.ExecutionTestService"
 O = DecisionOutcome  # noqa: E741
@@ -744,6 +748,89 @@ def test_chained_servers_give_one_trace_and_lineage(backend: Start, spans: InMem
     assert validate(child) == []
     child_span = server_span(spans, f"{SERVICE}/Run", count=1)
     assert (child_span.attributes or {})["execution_envelope.parent_id"] == parent.envelope_id
+
+
+@pytest.mark.parametrize("flavor", ["aio-sync"])
+def test_plain_handlers_on_a_grpc_aio_server(backend: Start, spans: InMemorySpanExporter) -> None:
+    # grpc.aio runs plain functions and generators on its thread pool: the
+    # handler API works there, and their responses are counted.
+    server = backend(EnvelopeConfig(policies=[LimitsPolicy([Limit(TOKENS, 100, kind=INFERENCE)])]))
+    bound = pb.RunRequest()
+    bound.CopyFrom(RUN)
+    bound.behavior = "bind"
+    reply = server.stub.Run(bound)
+    watched = list(server.stub.Watch(pb.WatchRequest(run=pb.RunRequest(model="m", count=3))))
+    run, watch = server.envelopes(2)
+    assert reply.envelope_id == run.envelope_id
+    assert transitions(run) == COMPLETED_PATH
+    assert run.binding.node == "node-a"
+    assert run.grants[0].resources.tokens == 100
+    assert [w.run.envelope_id for w in watched] == [watch.envelope_id] * 3
+    assert (watch.outcome.usage.response_messages, watch.lifecycle.state) == (3, model.COMPLETED)
+    assert validate(run) == validate(watch) == []
+    span = server_span(spans, f"{SERVICE}/Run")
+    assert (span.attributes or {})["execution_envelope.binding.node"] == "node-a"
+
+
+def test_client_interceptors_carry_the_envelope_on_every_arity(backend: Start) -> None:
+    downstream = backend(EnvelopeConfig(trust_peer=trusted))
+    parent = blank_envelope("/upstream.v1.Agents/Run")
+    parent.lineage.root_envelope_id = "a" * 32
+    parent.lineage.depth = 2
+    token = _core.CURRENT.set(Call(parent, trace.INVALID_SPAN, time.time_ns()))
+    try:
+        with grpc.insecure_channel(downstream.address) as plain:
+            stub = pb_grpc.ExecutionTestServiceStub(
+                grpc.intercept_channel(plain, envelope_grpc.EnvelopeClientInterceptor())
+            )
+            upload = pb.UploadRequest(destination="store-a", data=b"x")
+            stub.Run(pb.RunRequest(model="m"))
+            list(stub.Watch(pb.WatchRequest(run=pb.RunRequest(model="m", count=1))))
+            stub.Upload(iter([upload]))
+            list(stub.Exchange(iter([pb.ExchangeRequest(chunk=upload)])))
+
+        async def over_aio() -> None:
+            async with grpc.aio.insecure_channel(
+                downstream.address, interceptors=envelope_grpc.aio.client_interceptors()
+            ) as channel:
+                stub = pb_grpc.ExecutionTestServiceStub(channel)
+                await stub.Run(pb.RunRequest(model="m"))
+                [_ async for _ in stub.Watch(pb.WatchRequest(run=pb.RunRequest(model="m", count=1)))]
+                upload = pb.UploadRequest(destination="store-a", data=b"x")
+                await stub.Upload(iter([upload]))
+                [_ async for _ in stub.Exchange(iter([pb.ExchangeRequest(chunk=upload)]))]
+
+        asyncio.run(over_aio())
+    finally:
+        _core.CURRENT.reset(token)
+    found = downstream.envelopes(8)
+    assert len(found) == 8
+    assert [list(env.flags) for env in found] == [[]] * 8
+    assert {
+        (env.lineage.parent_envelope_id, env.lineage.root_envelope_id, env.lineage.depth) for env in found
+    } == {(parent.envelope_id, "a" * 32, 3)}
+    assert sorted(env.execution.method.rsplit("/", 1)[1] for env in found) == sorted(
+        ["Run", "Watch", "Upload", "Exchange"] * 2
+    )
+
+
+def test_client_interceptors_leave_calls_outside_an_intercepted_call_alone(backend: Start) -> None:
+    downstream = backend(EnvelopeConfig(trust_peer=trusted))
+
+    async def over_aio() -> None:
+        async with grpc.aio.insecure_channel(
+            downstream.address, interceptors=envelope_grpc.aio.client_interceptors()
+        ) as channel:
+            await pb_grpc.ExecutionTestServiceStub(channel).Run(pb.RunRequest(model="m"))
+
+    asyncio.run(over_aio())
+    with grpc.insecure_channel(downstream.address) as plain:
+        stub = pb_grpc.ExecutionTestServiceStub(
+            grpc.intercept_channel(plain, envelope_grpc.EnvelopeClientInterceptor())
+        )
+        stub.Run(pb.RunRequest(model="m"))
+    found = downstream.envelopes(2)
+    assert [(env.lineage.parent_envelope_id, list(env.flags)) for env in found] == [("", []), ("", [])]
 
 
 def test_peer_envelope_from_untrusted_peer_is_ignored_and_flagged(
