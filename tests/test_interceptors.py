@@ -52,7 +52,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     Resources,
     Target,
 )
-from envelope_grpc.v1.options_pb2 import FieldRule, TargetField
+from envelope_grpc.v1.options_pb2 import FieldRule, ScopeField, TargetField
 from tests.conftest import COMPLETED_PATH, Backend, error_info, server_span, states, transitions
 
 SERVICE = "/envelope_grpc.testing.v1.ExecutionTestService"
@@ -492,6 +492,7 @@ def test_an_unexpected_error_in_admission_fails_closed(
 
 
 TOKENS = ResourceDimension.RESOURCE_DIMENSION_TOKENS
+MEMORY = ResourceDimension.RESOURCE_DIMENSION_MEMORY_BYTES
 INFERENCE = ExecutionKind.EXECUTION_KIND_INFERENCE
 
 
@@ -1084,45 +1085,77 @@ def _pool_with(file: descriptor_pb2.FileDescriptorProto) -> descriptor_pool.Desc
     return pool
 
 
-def test_declared_fields_named_like_python_keywords_are_extracted() -> None:
+_F = descriptor_pb2.FieldDescriptorProto
+
+
+def _request_type(fields: Any, nested: Any = ()) -> tuple[Any, ExtractorRegistry]:
+    """A request type built at run time from (name, type, label, rule) fields
+    (and a nested "Shard" type), its message class, and a registry over it."""
     file = descriptor_pb2.FileDescriptorProto(
-        name="keywords/v1/keywords.proto",
-        package="keywords.v1",
+        name="shapes/v1/shapes.proto",
+        package="shapes.v1",
         syntax="proto3",
         dependency=["envelope_grpc/v1/options.proto"],
     )
-    request = file.message_type.add(name="Request")
-    for number, (name, kind, rule) in enumerate(
-        (
-            (
-                "from",
-                descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
-                FieldRule(target=TargetField.TARGET_FIELD_NAME),
-            ),
-            ("lambda", descriptor_pb2.FieldDescriptorProto.TYPE_INT64, FieldRule(resource=TOKENS)),
-            ("class", descriptor_pb2.FieldDescriptorProto.TYPE_STRING, FieldRule(hint="class")),
-        ),
-        start=1,
-    ):
-        field = request.field.add(
-            name=name, number=number, type=kind, label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
-        )
-        field.options.Extensions[options_pb2.field].CopyFrom(rule)
-    service = file.service.add(name="Models")
-    method = service.method.add(
-        name="Run", input_type=".keywords.v1.Request", output_type=".keywords.v1.Request"
+    for type_name, type_fields in (("Shard", nested), ("Request", fields)):
+        message = file.message_type.add(name=type_name)
+        for number, (name, kind, label, rule) in enumerate(type_fields, start=1):
+            field = message.field.add(name=name, number=number, type=kind, label=label)
+            if kind == _F.TYPE_MESSAGE:
+                field.type_name = ".shapes.v1.Shard"
+            if rule is not None:
+                field.options.Extensions[options_pb2.field].CopyFrom(rule)
+    method = file.service.add(name="Models").method.add(
+        name="Run", input_type=".shapes.v1.Request", output_type=".shapes.v1.Request"
     )
     method.options.Extensions[options_pb2.method].kind = INFERENCE
     pool = _pool_with(file)
-    message = message_factory.GetMessageClass(pool.FindMessageTypeByName("keywords.v1.Request"))(
-        **{"from": "model-a", "lambda": 7, "class": "gold"}
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("shapes.v1.Request")
+    ), ExtractorRegistry(pool=pool)
+
+
+def test_declared_fields_of_every_shape_are_extracted() -> None:
+    # Names like Python keywords, repeated values (listed or summed), a
+    # fractional amount, and a repeated nested message.
+    one, many = _F.LABEL_OPTIONAL, _F.LABEL_REPEATED
+    request_type, registry = _request_type(
+        [
+            ("from", _F.TYPE_STRING, one, FieldRule(target=TargetField.TARGET_FIELD_NAME)),
+            ("lambda", _F.TYPE_INT64, one, FieldRule(resource=TOKENS)),
+            ("class", _F.TYPE_STRING, one, FieldRule(hint="class")),
+            ("datasets", _F.TYPE_STRING, many, FieldRule(scope=ScopeField.SCOPE_FIELD_DATASET)),
+            ("gib", _F.TYPE_DOUBLE, one, FieldRule(resource=MEMORY, scale=1 << 30)),
+            ("shards", _F.TYPE_MESSAGE, many, None),
+        ],
+        nested=[("tokens", _F.TYPE_INT64, many, FieldRule(resource=TOKENS))],
     )
-    plan = ExtractorRegistry(pool=pool).plan("/keywords.v1.Models/Run")
+    plan = registry.plan("/shapes.v1.Models/Run")
     assert plan.extractor is not None
-    found = plan.extractor(message)
-    assert (found.kind, found.target.name, found.requested, dict(found.scope.hints)) == (
+    found = plan.extractor(
+        request_type(
+            **{
+                "from": "model-a",
+                "lambda": 7,
+                "class": "gold",
+                "datasets": ["d1", "d2"],
+                "gib": 1.5,
+                "shards": [{"tokens": [1, 2]}, {"tokens": [3]}],
+            }
+        )
+    )
+    assert (
+        found.kind,
+        found.target.name,
+        found.requested,
+        dict(found.scope.hints),
+        list(found.scope.datasets),
+    ) == (
         INFERENCE,
         "model-a",
-        Resources(tokens=7),
+        Resources(tokens=13, memory_bytes=3 << 29),
         {"class": "gold"},
+        ["d1", "d2"],
     )
+    with pytest.raises(ValueError, match="memory_bytes is out of range"):
+        plan.extractor(request_type(gib=1e300))
