@@ -413,3 +413,9 @@ def refused(call: Callable[[], Any]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         call()
     return caught.value
+
+
+def refusal_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """A refusal's status code, and its ErrorInfo's reason and metadata."""
+    info = error_info(error)
+    return error.code(), info.reason, dict(info.metadata)  # type: ignore[attr-defined]

@@ -53,7 +53,16 @@ from envelope_grpc.v1.envelope_pb2 import (
     Target,
 )
 from envelope_grpc.v1.options_pb2 import FieldRule, ScopeField, TargetField
-from tests.conftest import COMPLETED_PATH, Backend, error_info, server_span, states, transitions
+from tests.conftest import (
+    COMPLETED_PATH,
+    Backend,
+    error_info,
+    refusal_of,
+    refused,
+    server_span,
+    states,
+    transitions,
+)
 
 SERVICE = "/envelope_grpc.testing.v1.ExecutionTestService"
 O = DecisionOutcome  # noqa: E741
@@ -476,16 +485,14 @@ def test_an_unexpected_error_in_admission_fails_closed(
 
     monkeypatch.setattr(_core, "admit", broken_admit)
     server = backend(EnvelopeConfig())
-    with pytest.raises(grpc.RpcError) as caught:
-        server.stub.Run(RUN)
+    error = refused(lambda: server.stub.Run(RUN))
     (env,) = server.envelopes(1)
-    info = error_info(caught.value)
-    assert (caught.value.code(), info.reason, dict(info.metadata)) == (
+    assert refusal_of(error) == (
         grpc.StatusCode.UNAVAILABLE,
         "POLICY_ERROR",
         {"envelope_id": env.envelope_id, "policy": "admission"},
     )
-    assert caught.value.details() == "admission failed (RuntimeError); the call is refused"
+    assert error.details() == "admission failed (RuntimeError); the call is refused"
     assert states(env) == ["RECEIVED", "NORMALIZED", "REJECTED"]
     assert (env.decision.outcome, env.decision.deciding_policy) == (O.DECISION_OUTCOME_DENIED, "admission")
     assert validate(env) == []
@@ -660,19 +667,17 @@ def test_a_refusal_stands_when_reporting_it_fails(backend: Start, monkeypatch: p
         return build(*args)
 
     monkeypatch.setattr(_core, "abort_status", abort_status_once)
-    with pytest.raises(grpc.RpcError) as caught:
-        server.stub.Run(RUN)
-    (refused,) = server.envelopes(1)
-    info = error_info(caught.value)
-    assert (caught.value.code(), info.reason, dict(info.metadata)) == (
+    error = refused(lambda: server.stub.Run(RUN))
+    (env,) = server.envelopes(1)
+    assert refusal_of(error) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "LIMIT_EXCEEDED",
-        {"envelope_id": refused.envelope_id, "policy": "limits"},
+        {"envelope_id": env.envelope_id, "policy": "limits"},
     )
     assert failures == []
-    assert states(refused) == ["RECEIVED", "NORMALIZED", "REJECTED"]
-    assert refused.decision.deciding_policy == "limits"
-    assert validate(refused) == []
+    assert states(env) == ["RECEIVED", "NORMALIZED", "REJECTED"]
+    assert env.decision.deciding_policy == "limits"
+    assert validate(env) == []
 
 
 def broken(envelope: ExecutionEnvelope, /) -> Allow:
