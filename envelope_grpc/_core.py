@@ -359,10 +359,12 @@ class Core:
         message (None for a request stream that ended at once). Returns the
         call and, when it is refused, the status to abort with."""
         call, refused = self._receive(plan, context)
+        # Encoded once: for its size and its digest (ByteSize() encodes it too).
+        encoded = request.SerializeToString() if request is not None else b""
         if request is not None:
-            call.count_request(request)
+            call.request_messages, call.request_bytes = 1, len(encoded)
         try:
-            status = self._admit(call, plan, request, refused)
+            status = self._admit(call, plan, request, encoded, refused)
         except Exception as error:  # admission must end in a decision, never an escaping error
             _log.exception("admission of envelope %s failed", call.env.envelope_id)
             status = self._fail_admission(call, error)
@@ -460,24 +462,23 @@ class Core:
             _log.exception("trust_peer failed for %s", peer.address)
             return False
 
-    def _normalize(self, call: Call, plan: MethodPlan, request: Message | None) -> tuple[str, Deny] | None:
-        """Map the request into the envelope. A request that cannot be mapped
-        (a value out of range, a failing extractor) is refused: admitting it
-        on transport facts alone would let it pass every limit unseen."""
+    def _normalize(
+        self, call: Call, plan: MethodPlan, request: Message | None, encoded: bytes
+    ) -> tuple[str, Deny] | None:
+        """Map the request (``encoded``: its bytes) into the envelope. A request
+        that cannot be mapped (a value out of range, a failing extractor) is
+        refused: admitting it on transport facts alone would let it pass
+        every limit unseen."""
         env = call.env
         execution = env.execution
         execution.kind = plan.kind
-        found: Extraction | None = None
-        failure: Exception | None = None
-        if request is not None and plan.fill is not None:
-            # Declarative extraction writes straight into the envelope's messages.
-            found = Extraction(plan.kind, execution.target, env.requested, env.scope)
-            try:
+        try:
+            found: Extraction | None = None
+            if request is not None and plan.fill is not None:
+                # Declarative extraction writes straight into the envelope's messages.
+                found = Extraction(plan.kind, execution.target, env.requested, env.scope)
                 plan.fill(request, found)
-            except Exception as error:
-                failure = error
-        elif request is not None and plan.extractor is not None:
-            try:
+            elif request is not None and plan.extractor is not None:
                 found = plan.extractor(request)
                 if found.kind not in KIND_NAMES:
                     raise ValueError(f"unknown execution kind {found.kind}")
@@ -485,9 +486,9 @@ class Core:
                 execution.target.CopyFrom(found.target)
                 env.scope.CopyFrom(found.scope)
                 env.requested.CopyFrom(found.requested)
-            except Exception as error:
-                failure = error
-        if failure is not None:
+            if found is not None and (found.tenant or found.project):
+                _declared(env, found)
+        except Exception as failure:
             env.flags.append(FLAG_EXTRACTION_FAILED)
             for holder, name in ((execution, "target"), (env, "requested"), (env, "scope")):
                 holder.ClearField(name)  # type: ignore[arg-type]
@@ -497,20 +498,23 @@ class Core:
             return "extractor", Deny(
                 grpc.StatusCode.INVALID_ARGUMENT, "EXTRACTION_FAILED", message, BASIS_INVALID
             )
-        if found is not None and (found.tenant or found.project):
-            _declared(env, found)
-        if request is not None and 0 < call.request_bytes <= self.config.digest_max_bytes:
-            execution.request_digest = "sha256:" + hashlib.sha256(request.SerializeToString()).hexdigest()
+        if 0 < len(encoded) <= self.config.digest_max_bytes:
+            execution.request_digest = "sha256:" + hashlib.sha256(encoded).hexdigest()
         call.step(model.NORMALIZED, k.ACTOR_EXTRACTOR)
         return None
 
     def _admit(
-        self, call: Call, plan: MethodPlan, request: Message | None, refused: tuple[str, Deny] | None
+        self,
+        call: Call,
+        plan: MethodPlan,
+        request: Message | None,
+        encoded: bytes,
+        refused: tuple[str, Deny] | None,
     ) -> AbortStatus | None:
         """Normalize, then refuse (``refused`` by identity, an unmappable
         request, negative amounts, an unmapped method) or run the policies."""
         env = call.env
-        unmapped = self._normalize(call, plan, request)
+        unmapped = self._normalize(call, plan, request, encoded)
         refused = refused or unmapped
         if refused is None and env.HasField("requested"):
             refused = _negative(env)

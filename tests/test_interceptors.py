@@ -455,8 +455,9 @@ def test_function_extractor_maps_a_foreign_proto(backend: Start) -> None:
     [
         (lambda request: 1 / 0, "ZeroDivisionError"),
         (lambda request: Extraction(kind=99), "ValueError"),  # type: ignore[arg-type]
+        (lambda request: Extraction(tenant=5), "TypeError"),  # type: ignore[arg-type]
     ],
-    ids=["raises", "unknown-kind"],
+    ids=["raises", "unknown-kind", "tenant-not-text"],
 )
 def test_a_failing_function_extractor_refuses_the_call(backend: Start, extract: Any, error: str) -> None:
     registry = ExtractorRegistry()
