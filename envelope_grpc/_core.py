@@ -550,39 +550,30 @@ class Core:
         record_denial(call.envelope().decision, policy, deny)
         return self._refuse(call, policy, deny)
 
-    def _fail_admission(self, call: Call, error: Exception) -> AbortStatus | None:
-        """An unexpected error during admission: refuse the call (fail closed)
-        if the envelope can still be rejected, and report it."""
+    def _fail_admission(self, call: Call, error: Exception) -> AbortStatus:
+        """An unexpected error during admission, before the call was admitted
+        or rejected (every later step handles its own errors): refuse the
+        call (fail closed), recording why."""
         env = call.envelope()
+        if env.lifecycle.state == model.RECEIVED:
+            model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
+        env.ClearField("decision")
         deny = Deny(
             grpc.StatusCode.UNAVAILABLE,
             POLICY_ERROR,
             f"admission failed ({type(error).__name__}); the call is refused",
             BASIS_ERROR,
         )
-        state = env.lifecycle.state
-        if state == model.REJECTED:  # refused already: whatever failed after, the refusal stands
-            if not call.ended:
-                self._emit(call)
-            outcome = env.outcome
-            code = _CODES.get(outcome.status_code, grpc.StatusCode.UNKNOWN)
-            policy = env.decision.deciding_policy
-            extra = {"policy": policy} if policy else {}
-            return abort_status(env, code, outcome.reason_code, outcome.status_message, extra)
-        if state == model.RECEIVED:
-            model.transition(env, model.NORMALIZED, actor=k.ACTOR_EXTRACTOR)
-        elif state != model.NORMALIZED or env.grants:
-            return None  # admitted already (a sink failed after): let the call go on
-        env.ClearField("decision")
         return self._deny(call, "admission", deny)
 
     def _refuse(self, call: Call, policy: str, deny: Deny) -> AbortStatus:
         env = call.envelope()
+        # Built first: once the envelope is rejected, nothing left can fail.
+        status = abort_status(env, deny.code, deny.reason_code, deny.message, {"policy": policy})
         model.reject(
             env, deny.reason_code, deny.message, status_code=deny.code.value[0], actor=k.ACTOR_ADMISSION
         )
         self._count(env, OUTCOME_DENIED, None)
-        status = abort_status(env, deny.code, deny.reason_code, deny.message, {"policy": policy})
         self._emit(call)
         return status
 
@@ -704,8 +695,6 @@ def trailers(envelope_id: str, outcome: int) -> tuple[tuple[str, str], ...]:
 
 def call_trailers(call: Call) -> tuple[tuple[str, str], ...]:
     """The trailers of an admitted call."""
-    if call.materialized:
-        return trailers(call.env.envelope_id, call.env.decision.outcome)
     outcome = call.admission.outcome if call.admission is not None else OUTCOME_UNSPECIFIED
     return trailers(call.env.envelope_id, outcome)
 

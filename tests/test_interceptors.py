@@ -657,30 +657,6 @@ def test_a_failing_metrics_recorder_changes_no_decision(backend: Start) -> None:
     assert states(admitted) == ["RECEIVED", "NORMALIZED", "ADMITTED", "COMPLETED"]
 
 
-def test_a_refusal_stands_when_reporting_it_fails(backend: Start, monkeypatch: pytest.MonkeyPatch) -> None:
-    server = backend(EnvelopeConfig(policies=[LimitsPolicy([Limit(TOKENS, 100, deny=True)])]))
-    failures = [RuntimeError("status could not be built")]
-    build = _core.abort_status
-
-    def abort_status_once(*args: Any) -> Any:
-        if failures:
-            raise failures.pop()
-        return build(*args)
-
-    monkeypatch.setattr(_core, "abort_status", abort_status_once)
-    error = refused(lambda: server.stub.Run(RUN))
-    (env,) = server.envelopes(1)
-    assert refusal_of(error) == (
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "LIMIT_EXCEEDED",
-        {"envelope_id": env.envelope_id, "policy": "limits"},
-    )
-    assert failures == []
-    assert states(env) == ["RECEIVED", "NORMALIZED", "REJECTED"]
-    assert env.decision.deciding_policy == "limits"
-    assert validate(env) == []
-
-
 def broken(envelope: ExecutionEnvelope, /) -> Allow:
     raise RuntimeError("policy store unreachable")
 
