@@ -22,7 +22,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import Message
 
 from envelope_grpc._constants import DEFAULT_SKIPPED, MAX_MAP_ENTRIES
-from envelope_grpc._envelope import DIMENSION_FIELDS
+from envelope_grpc._envelope import QUANTITY_FIELDS
 from envelope_grpc._values import (
     DIMENSION_ACCELERATOR_TYPE,
 )
@@ -289,8 +289,8 @@ class _Source:
                 f"{pad}    found{holder}.{part} = {converted}[:{limit}]",
             ]
         if rule.WhichOneof("destination") == "resource" and integer:
-            name = DIMENSION_FIELDS.get(rule.resource)
-            if name is not None and rule.resource != DIMENSION_ACCELERATOR_TYPE:
+            name = QUANTITY_FIELDS.get(rule.resource)
+            if name is not None:
                 amount, total = self.name("a"), self.name("t")
                 return [
                     f"{pad}{amount} = {value} * {rule.scale or 1}",
@@ -417,8 +417,8 @@ def _applier(rule: FieldRule) -> _Apply:
 
 
 def _resource_applier(rule: FieldRule) -> _Apply:
-    name = DIMENSION_FIELDS.get(rule.resource)
-    if name is None or rule.resource == DIMENSION_ACCELERATOR_TYPE:
+    name = QUANTITY_FIELDS.get(rule.resource)
+    if name is None:
         raise ValueError(f"not a quantity dimension: {rule.resource}")
     scale = rule.scale or 1
 
