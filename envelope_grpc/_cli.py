@@ -157,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(serve_run(args.audit, args.root, sys.stdout, ledger=args.ledger))
     except _UsageError as error:
         return _fail(str(error), 2)
+    except BrokenPipeError:  # piped into a reader that stopped (head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, LedgerError) as error:
         return _fail(f"envelope-grpc: {error}", 1)
     except KeyboardInterrupt:
@@ -234,9 +237,6 @@ def _tail(ledger: Any, filters: Any, args: argparse.Namespace, out: IO[str]) -> 
             emit([env])
         return 0
     except KeyboardInterrupt:
-        return 0
-    except BrokenPipeError:  # piped into head: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 

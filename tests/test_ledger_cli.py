@@ -7,6 +7,8 @@ import dataclasses
 import datetime
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,20 @@ def listed_ids(capsys: pytest.CaptureFixture[str], url: str, *filters: str) -> l
     status, out, err = cli(capsys, "ledger", "--ledger", url, "list", "--json", *filters)
     assert (status, err) == (0, "")
     return [from_json(line).envelope_id for line in out.splitlines()]
+
+
+@pytest.mark.parametrize("command", [["list"], ["tail", "--once"]])
+def test_a_reader_that_stops_early_ends_the_output_quietly(demo: Demo, command: list[str]) -> None:
+    # As `envelope-grpc ledger list | head -1`: the pipe closes before the output is written.
+    with subprocess.Popen(
+        [sys.executable, "-m", "envelope_grpc._cli", "ledger", "--ledger", demo.url, *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        process.stdout.close()
+        assert (process.wait(timeout=60), process.stderr.read()) == (0, b"")
 
 
 def test_list_shows_the_envelopes_the_demo_printed(demo: Demo, capsys: pytest.CaptureFixture[str]) -> None:
