@@ -266,6 +266,19 @@ _SYNCHRONOUS: Final = ("off", "normal", "full", "extra")
 _CHUNK: Final = 256
 
 
+#: The envelopes table of both backends; only the type of the serialized
+#: envelope differs (SQLite gives bigint and smallint integer affinity).
+_ENVELOPES_TABLE: Final = (
+    "CREATE TABLE IF NOT EXISTS envelopes ("
+    " envelope_id text PRIMARY KEY, start_ns bigint NOT NULL, end_ns bigint,"
+    " tenant text NOT NULL, principal text NOT NULL, kind text NOT NULL,"
+    " decision text NOT NULL, state text NOT NULL, method text NOT NULL,"
+    " trace_id text NOT NULL, parent_id text, root_id text,"
+    " steps integer NOT NULL, terminal smallint NOT NULL, seq bigint NOT NULL,"
+    " envelope {blob} NOT NULL)"
+)
+
+
 class SqliteStore(Store):
     """An SQLite file in WAL mode; sqlite:///relative.db or sqlite:////absolute.db.
 
@@ -273,15 +286,7 @@ class SqliteStore(Store):
     not only the death of the process (the default, NORMAL, is the latter).
     """
 
-    _TABLE = (
-        "CREATE TABLE IF NOT EXISTS envelopes ("
-        " envelope_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL, end_ns INTEGER,"
-        " tenant TEXT NOT NULL, principal TEXT NOT NULL, kind TEXT NOT NULL,"
-        " decision TEXT NOT NULL, state TEXT NOT NULL, method TEXT NOT NULL,"
-        " trace_id TEXT NOT NULL, parent_id TEXT, root_id TEXT,"
-        " steps INTEGER NOT NULL, terminal INTEGER NOT NULL, seq INTEGER NOT NULL,"
-        " envelope BLOB NOT NULL)"
-    )
+    _TABLE = _ENVELOPES_TABLE.format(blob="BLOB")
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -383,15 +388,7 @@ class PostgresStore(Store):
     there with one INSERT ... ON CONFLICT.
     """
 
-    _TABLE = (
-        "CREATE TABLE IF NOT EXISTS envelopes ("
-        " envelope_id text PRIMARY KEY, start_ns bigint NOT NULL, end_ns bigint,"
-        " tenant text NOT NULL, principal text NOT NULL, kind text NOT NULL,"
-        " decision text NOT NULL, state text NOT NULL, method text NOT NULL,"
-        " trace_id text NOT NULL, parent_id text, root_id text,"
-        " steps integer NOT NULL, terminal smallint NOT NULL, seq bigint NOT NULL,"
-        " envelope bytea NOT NULL)"
-    )
+    _TABLE = _ENVELOPES_TABLE.format(blob="bytea")
     _UPSERT: Final = _upsert(f"SELECT {_COLUMN_LIST}, nextval('envelopes_seq') FROM envelope_staging")
 
     def __init__(self, url: str) -> None:
