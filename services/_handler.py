@@ -37,6 +37,15 @@ def admission_grant(env: ExecutionEnvelope | None) -> Grant | None:
     return next((grant for grant in env.grants if grant.stage == _ADMISSION), None)
 
 
+def starting_grant(env: ExecutionEnvelope) -> Resources:
+    """A copy of what admission granted (or of the request): where a
+    backend's own grant starts."""
+    admission = admission_grant(env)
+    granted = Resources()
+    granted.CopyFrom(admission.resources if admission is not None else env.requested)
+    return granted
+
+
 def record_backend_grant(
     env: ExecutionEnvelope, granted: Resources, reasons: Sequence[tuple[str, str]]
 ) -> None:

@@ -41,7 +41,7 @@ from typing import BinaryIO, Final, NoReturn
 import grpc
 
 import envelope_grpc
-from envelope_grpc.v1.envelope_pb2 import Binding, DataClassification, LifecycleState, Resources, Usage
+from envelope_grpc.v1.envelope_pb2 import Binding, DataClassification, LifecycleState, Usage
 from services import _handler
 from services.data_movement import _stores
 from services.data_movement._stores import Store, Stores
@@ -89,9 +89,7 @@ def grant_and_bind(size: int, binding: Binding) -> None:
     env = envelope_grpc.current_envelope()
     if env is None:
         return
-    admission = _handler.admission_grant(env)
-    granted = Resources()
-    granted.CopyFrom(admission.resources if admission is not None else env.requested)
+    granted = _handler.starting_grant(env)
     granted.bytes = size
     reasons = []
     if not env.requested.HasField("bytes"):

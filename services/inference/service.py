@@ -22,8 +22,8 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 import envelope_grpc
-from envelope_grpc.v1.envelope_pb2 import Binding, Resources, Usage
-from services._handler import abort, admission_grant
+from envelope_grpc.v1.envelope_pb2 import Binding, Usage
+from services._handler import abort, admission_grant, starting_grant
 from services.inference.extract import int_parameter
 from services.inference.models import Array, Model, Repository, TensorSpec, default_repository
 from services.inference.tensors import TensorError, decode_inputs, encode_output
@@ -195,8 +195,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         # The grant starts from what admission granted; a reason is kept only
         # when the grant differs from the request.
         admission = admission_grant(env)
-        granted = Resources()
-        granted.CopyFrom(admission.resources if admission is not None else env.requested)
+        granted = starting_grant(env)
         reason_code, reason = "MAX_TOKENS_APPLIED", f"{per_input} tokens for each of {batch} inputs"
         if admission is not None and admission.reason_code:
             reason_code, reason = admission.reason_code, admission.reason
