@@ -36,13 +36,14 @@ import os
 import pathlib
 import re
 from collections.abc import Iterator
-from typing import BinaryIO, Final, NoReturn
+from typing import BinaryIO, Final
 
 import grpc
 
 import envelope_grpc
 from envelope_grpc.v1.envelope_pb2 import Binding, DataClassification, LifecycleState, Usage
 from services import _handler
+from services._handler import refuse
 from services.data_movement import _stores
 from services.data_movement._stores import Store, Stores
 from services.data_movement.v1 import data_movement_pb2 as pb
@@ -67,21 +68,6 @@ def record_moved(moved: int) -> None:
     env = envelope_grpc.current_envelope()
     if env is not None and env.lifecycle.state in _LIVE:
         envelope_grpc.record_usage(Usage(bytes_moved=moved))
-
-
-def refuse(
-    context: grpc.ServicerContext,
-    reason_code: str,
-    message: str,
-    code: grpc.StatusCode,
-    *,
-    moved: int | None = None,
-) -> NoReturn:
-    """Refuse the request before any backend grant: REJECTED with ``reason_code``
-    (and ``moved`` bytes recorded when some already travelled)."""
-    if moved is not None:
-        record_moved(moved)
-    _handler.refuse(context, reason_code, message, code)
 
 
 def grant_and_bind(size: int, binding: Binding) -> None:
@@ -257,18 +243,17 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                             "UNEXPECTED_MESSAGE",
                             "only chunks follow the header",
                             _INVALID,
-                            moved=received,
                         )
                     data = message.chunk
                     received += len(data)
                     chunks += 1
+                    record_moved(received)  # so far, whatever happens next
                     if received > declared:
                         refuse(
                             context,
                             "SIZE_MISMATCH",
                             f"more data than the declared {declared} bytes",
                             _INVALID,
-                            moved=received,
                         )
                     digest.update(data)
                     out.write(data)
@@ -278,7 +263,6 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                     "SIZE_MISMATCH",
                     f"received {received} bytes, declared {declared}",
                     _INVALID,
-                    moved=received,
                 )
             actual = digest.hexdigest()
             if actual != expected:
@@ -287,7 +271,6 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                     "CHECKSUM_MISMATCH",
                     f"the data's SHA-256 is {actual}, the header declared {expected}",
                     grpc.StatusCode.DATA_LOSS,
-                    moved=received,
                 )
             grant_and_bind(received, _binding(store, relative, source=header.source[:512]))
             kept = _publish(context, staged, file, relative)
