@@ -12,6 +12,7 @@ import grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
+from envelope_grpc._constants import ATTR_ID, ENVELOPE_ID_METADATA
 from envelope_grpc.testing.v1 import testing_pb2 as pb
 from envelope_grpc.testing.v1 import testing_pb2_grpc as pb_grpc
 
@@ -20,9 +21,9 @@ FLAVOURS: Final = ("grpc", "grpc.aio")
 CONFIGS: Final = ("bare", "otel", "envelope")
 LABELS: Final = {"bare": "bare grpcio", "otel": "OTel", "envelope": "OTel + envelope"}
 
-#: A span attribute the envelope interceptor always sets (execution_envelope.id).
-ENVELOPE_ATTRIBUTE: Final = "execution_envelope.id"
-ENVELOPE_TRAILER: Final = "x-execution-envelope-id"
+#: A span attribute the envelope interceptor always sets, and its trailer.
+ENVELOPE_ATTRIBUTE: Final = ATTR_ID
+ENVELOPE_TRAILER: Final = ENVELOPE_ID_METADATA
 
 
 # -- servicers: as little work as the method allows ---------------------------------

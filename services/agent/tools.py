@@ -28,9 +28,9 @@ from opentelemetry.trace import TracerProvider
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
 import envelope_grpc
+from envelope_grpc._constants import ENVELOPE_ID_METADATA
 
 #: Trailing metadata naming the downstream call's envelope.
-ENVELOPE_ID_METADATA: Final = "x-execution-envelope-id"
 #: Metadata a tool call sends for the caller it acts for, e.g. (("authorization", "Bearer ..."),).
 Credentials = tuple[tuple[str, str | bytes], ...]
 GENERATOR: Final = "tiny-lm"
