@@ -246,12 +246,15 @@ def run(audit_path: str, out: IO[str] = sys.stdout, *, ledger: str | None = None
         )
 
     provider = tracer_provider("envelope-grpc-demo")
-    backend = start_backend(config, provider)
     try:
-        Traffic(backend, secret).run()
-    finally:
-        backend.stop()  # every server's queue is written before the shared sinks close
+        backend = start_backend(config, provider)
+        try:
+            Traffic(backend, secret).run()
+        finally:
+            backend.stop()  # every server's queue is written before the shared sinks close
+    finally:  # also when a server cannot start; closing twice is harmless
         recorder.close()
+        audit.close()
         provider.shutdown()
     ordered = sorted(collected.envelopes, key=lambda env: env.lifecycle.start_time.ToNanoseconds())
     print_table(ordered, out)
