@@ -75,6 +75,10 @@ _STEPS: Final = COLUMNS.index("steps")
 _TERMINAL: Final = COLUMNS.index("terminal")
 _SCHEMA_VERSION: Final = 1
 _META: Final = "envelope_ledger_meta"
+#: The highest write position in the ledger (0 when empty).
+TOP_SEQ: Final = "SELECT COALESCE(MAX(seq), 0) FROM envelopes"
+#: The count of records sinks dropped (one row, or none in an old ledger).
+DROPPED: Final = f"SELECT value FROM {_META} WHERE name = 'dropped'"
 
 #: One envelope as a row: the values of COLUMNS.
 Row: TypeAlias = tuple[
@@ -202,6 +206,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def prepare_writer(self, conn: Any) -> None:
         """Get a new connection ready for ``write_batch``."""
+
+    def open_writer(self, *, ensure_schema: bool = False) -> Any:
+        """A new connection ready for ``write_batch``, the schema made first
+        when ``ensure_schema``; closed again when it cannot be made ready."""
+        conn = self.connect(create=True)
+        try:
+            if ensure_schema:
+                self.ensure_schema(conn)
+            self.prepare_writer(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def sql(self, text: str) -> str:
         """``text`` with the dialect's placeholders."""
@@ -352,7 +369,7 @@ class SqliteStore(Store):
     def write_batch(self, conn: Any, rows: Sequence[Row], dropped: int = 0) -> None:
         conn.execute("BEGIN IMMEDIATE")  # takes the write lock: seq below is ours alone
         try:
-            (top,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM envelopes").fetchone()
+            (top,) = conn.execute(TOP_SEQ).fetchone()
             # Multi-row statements, in power-of-two sizes so that a few prepared
             # statements serve every batch: executemany steps once per row and
             # gives up the GIL each time, which a busy server makes costly.

@@ -257,13 +257,7 @@ class LedgerSink:
         if max_queue < 1 or max_batch < 1:
             raise ValueError("max_queue and max_batch must be at least 1")
         self._store = sql.open_store(resolve_url(url))
-        self._conn = self._store.connect(create=True)
-        try:
-            self._store.ensure_schema(self._conn)
-            self._store.prepare_writer(self._conn)
-        except BaseException:
-            self._conn.close()
-            raise
+        self._conn = self._store.open_writer(ensure_schema=True)
         self.url = self._store.url
         self.durable_admission = durable_admission
         self.when_full = when_full
@@ -362,9 +356,8 @@ class LedgerSink:
         error: str | None = None
         with self._late:
             try:
-                conn = self._store.connect(create=True)
+                conn = self._store.open_writer()
                 try:
-                    self._store.prepare_writer(conn)
                     self._store.write_batch(conn, rows)
                 finally:
                     conn.close()
@@ -443,8 +436,7 @@ class LedgerSink:
             try:
                 self._conn.close()
             finally:
-                self._conn = self._store.connect(create=True)
-                self._store.prepare_writer(self._conn)
+                self._conn = self._store.open_writer()
 
 
 # -- the ledger ------------------------------------------------------------------------------
@@ -596,7 +588,7 @@ class Ledger:
     def cursor(self) -> int:
         """The ledger's current write position: ``follow`` from here sees only
         what is written after now."""
-        ((top,),) = self._fetch("SELECT COALESCE(MAX(seq), 0) FROM envelopes")
+        ((top,),) = self._fetch(sql.TOP_SEQ)
         return int(top)
 
     def recent(self, count: int, filters: Filters | None = None) -> tuple[_Envelopes, int]:
@@ -647,7 +639,7 @@ class Ledger:
 
     def dropped(self) -> int:
         """Records that sinks dropped because their queue was full."""
-        found = self._fetch("SELECT value FROM envelope_ledger_meta WHERE name = 'dropped'")
+        found = self._fetch(sql.DROPPED)
         return int(found[0][0]) if found else 0
 
     def stats(self, filters: Filters | None = None, /, **fields: Any) -> LedgerStats:
