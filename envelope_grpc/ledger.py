@@ -593,7 +593,8 @@ class Ledger:
 
     def recent(self, count: int, filters: Filters | None = None) -> tuple[_Envelopes, int]:
         """The last ``count`` matching envelopes written, in write order, and
-        the cursor from which ``follow`` continues after them."""
+        the cursor from which ``follow`` continues after them (``count``, not
+        the filters' limit, bounds them)."""
         position = self.cursor()
         where, params = (filters or Filters()).where()
         found = self._envelopes(
@@ -606,8 +607,9 @@ class Ledger:
         self, cursor: int = 0, filters: Filters | None = None, *, limit: int = 1000
     ) -> tuple[_Envelopes, int]:
         """Envelopes written (new, or changed: an admission record replaced by
-        its terminal one) after ``cursor``, in write order, and the cursor to
-        pass next time."""
+        its terminal one) after ``cursor``, in write order, at most ``limit``
+        of them (the filters' limit does not apply), and the cursor to pass
+        next time."""
         where, params = (filters or Filters()).where()
         rows = self._fetch(
             f"SELECT seq, envelope FROM envelopes WHERE seq > ? AND {where} ORDER BY seq LIMIT ?",
