@@ -180,7 +180,7 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
         )
         for index, step in enumerate(lifecycle.transitions)
     ]
-    _indented(steps, out)
+    _table.render(steps, out, None, indent="  ")
 
     admission = next((g for g in env.grants if g.stage == STAGE_ADMISSION), None)
     backend = next((g for g in env.grants if g.stage == STAGE_BACKEND), None)
@@ -196,19 +196,16 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
     ]
     write("\nresources\n")
     if dims:
-        _indented(
-            [("dimension", *(title for title, _ in columns))]
-            + [
-                (str(field), *(_value(resources, field) or "-" for _, resources in columns)) for field in dims
-            ],
+        _table.render(
+            [(str(field), *(_value(resources, field) or "-" for _, resources in columns)) for field in dims],
             out,
-            header=True,
+            ("dimension", *(title for title, _ in columns)),
+            indent="  ",
         )
     else:
         write("  none requested or granted\n")
-    for grant in (admission, backend):
+    for stage, grant in (("admission", admission), ("backend", backend)):
         if grant is not None and grant.reason_code:
-            stage = "admission" if grant.stage == STAGE_ADMISSION else "backend"
             write(f"  {stage} grant: {grant.reason_code} — {grant.reason}\n")
 
     decision = env.decision
@@ -223,9 +220,8 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
     mode = MODE_NAMES.get(decision.mode, str(decision.mode)) if decision.mode else "enforce"
     write(f"  {summary} · {mode}{' · FAIL-OPEN' if decision.fail_open else ''}\n")
     if decision.policies:
-        _indented(
-            [("policy", "verdict", "mode", "reason", "took", "detail")]
-            + [
+        _table.render(
+            [
                 (
                     verdict.policy,
                     OUTCOME_NAMES.get(verdict.outcome, "?"),
@@ -246,7 +242,8 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
                 for verdict in decision.policies
             ],
             out,
-            header=True,
+            ("policy", "verdict", "mode", "reason", "took", "detail"),
+            indent="  ",
         )
     else:
         write("  no policy consulted\n")
@@ -279,13 +276,6 @@ def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None
     if tree is not None:
         write("\nlineage\n")
         _table.render(tree_rows(tree, env.envelope_id), out, None)
-
-
-def _indented(rows: Sequence[Sequence[str]], out: IO[str], *, header: bool = False) -> None:
-    if header:
-        _table.render(rows[1:], out, rows[0], indent="  ")
-    else:
-        _table.render(rows, out, None, indent="  ")
 
 
 # -- stats ---------------------------------------------------------------------------------
