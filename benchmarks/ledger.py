@@ -38,13 +38,14 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from benchmarks._report import nearest_rank
 from envelope_grpc import _envelope as model
+from envelope_grpc._values import OUTCOME_ADMITTED
 from envelope_grpc.ledger import LedgerError, LedgerSink, open_ledger
 from envelope_grpc.testing.postgres import PostgresUnavailable, TemporaryPostgres
-from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope, Resources
+from envelope_grpc.v1.envelope_pb2 import ExecutionEnvelope, ExecutionKind, Resources
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 20_000  # envelopes per second into SQLite
@@ -68,6 +69,10 @@ class Result:
         return self.envelopes / self.seconds if self.seconds else 0.0
 
 
+INFERENCE: Final = ExecutionKind.EXECUTION_KIND_INFERENCE
+DEPLOYMENT: Final = ExecutionKind.EXECUTION_KIND_DEPLOYMENT
+
+
 def _shape(tenant: str, subject: str, kind: int, method: str, asked: Resources, granted: Resources) -> Any:
     env = model.new_envelope(method)
     env.principal.subject = subject
@@ -81,7 +86,7 @@ def _shape(tenant: str, subject: str, kind: int, method: str, asked: Resources, 
     model.record_requested(env, asked)
     model.transition(env, model.NORMALIZED, actor="extractor")
     env.decision.outcome = model.compare(asked, granted)
-    if env.decision.outcome != 1:
+    if env.decision.outcome != OUTCOME_ADMITTED:
         env.decision.reason_code = "LIMIT_NARROWED"
         env.decision.message = "capped"
     env.decision.policies.add(policy="limits", outcome=env.decision.outcome, duration_us=12)
@@ -102,7 +107,7 @@ def envelopes(count: int) -> tuple[list[ExecutionEnvelope], list[ExecutionEnvelo
         _shape(
             "acme",
             "alice",
-            2,
+            INFERENCE,
             "/inference.GRPCInferenceService/ModelInfer",
             Resources(tokens=512, bytes=2048),
             Resources(tokens=512, bytes=2048),
@@ -110,7 +115,7 @@ def envelopes(count: int) -> tuple[list[ExecutionEnvelope], list[ExecutionEnvelo
         _shape(
             "globex",
             "bob",
-            2,
+            INFERENCE,
             "/inference.GRPCInferenceService/ModelInfer",
             Resources(tokens=20000, bytes=27),
             Resources(tokens=4096, bytes=27),
@@ -118,7 +123,7 @@ def envelopes(count: int) -> tuple[list[ExecutionEnvelope], list[ExecutionEnvelo
         _shape(
             "initech",
             "ci-runner",
-            1,
+            DEPLOYMENT,
             "/services.deployment.v1.DeploymentService/DeployModel",
             Resources(accelerator_count=2, replicas_max=2),
             Resources(accelerator_count=2, replicas_max=2),
@@ -231,6 +236,9 @@ def run_backend(
     url = fresh_url()
     result = write_ahead(url, backend, admitted[:alone], terminal[:alone], 1)
     results.append(dataclasses.replace(result, workload="durable admission alone, 1 thread"))
+    problems += [
+        f"{backend} durable admission: {p}" for p in _check(url, {e.envelope_id for e in terminal[:alone]})
+    ]
     return results, problems
 
 
