@@ -113,19 +113,15 @@ def _grant(env: ExecutionEnvelope) -> Resources | None:
     return env.grants[-1].resources
 
 
-class _Tenant:
-    __slots__ = ("denied", "envelopes", "granted", "narrowed", "narrowed_at_admission", "rejected", "widened")
-
-    def __init__(self) -> None:
-        self.envelopes = self.denied = self.rejected = self.granted = 0
-        self.narrowed = self.narrowed_at_admission = self.widened = 0
+#: TenantRates' counters, in order.
+_RATES: Final = tuple(field.name for field in dataclasses.fields(TenantRates))[1:]
 
 
 def compute(envelopes: Iterable[ExecutionEnvelope], dropped: int = 0) -> LedgerStats:
     """Add up ``envelopes``."""
     # per (tenant, dimension): envelopes, requested, granted, narrowed, widened
     totals: dict[tuple[str, str], list[int]] = {}
-    tenants: dict[str, _Tenant] = {}
+    tenants: dict[str, Counter[str]] = {}
     denials: Counter[tuple[str, str]] = Counter()
     count = unfinished = 0
     for env in envelopes:
@@ -133,26 +129,26 @@ def compute(envelopes: Iterable[ExecutionEnvelope], dropped: int = 0) -> LedgerS
         tenant = env.principal.tenant
         rates = tenants.get(tenant)
         if rates is None:
-            rates = tenants[tenant] = _Tenant()
-        rates.envelopes += 1
+            rates = tenants[tenant] = Counter()
+        rates["envelopes"] += 1
         state = env.lifecycle.state
         if not env.lifecycle.HasField("end_time"):
             unfinished += 1
         admission = env.decision.outcome
         if admission == OUTCOME_DENIED:
-            rates.denied += 1
+            rates["denied"] += 1
         if state == REJECTED:
             stage = "admission" if admission == OUTCOME_DENIED else "backend"
             if stage == "backend":
-                rates.rejected += 1
+                rates["rejected"] += 1
             denials[(env.outcome.reason_code or env.decision.reason_code, stage)] += 1
         grant = _grant(env)
         if grant is not None:
-            rates.granted += 1
+            rates["granted"] += 1
             final = env.grants[-1].outcome
-            rates.narrowed += final in _NARROWED
-            rates.widened += final in _WIDENED
-            rates.narrowed_at_admission += admission in _NARROWED
+            rates["narrowed"] += final in _NARROWED
+            rates["widened"] += final in _WIDENED
+            rates["narrowed_at_admission"] += admission in _NARROWED
         requested = env.requested
         for name in DIMENSIONS:
             asked = requested.HasField(name)
@@ -185,17 +181,8 @@ def compute(envelopes: Iterable[ExecutionEnvelope], dropped: int = 0) -> LedgerS
             for (reason, stage), n in sorted(denials.items(), key=lambda item: (-item[1], item[0]))
         ),
         tenants=tuple(
-            TenantRates(
-                tenant,
-                r.envelopes,
-                r.denied,
-                r.rejected,
-                r.granted,
-                r.narrowed,
-                r.narrowed_at_admission,
-                r.widened,
-            )
-            for tenant, r in sorted(tenants.items())
+            TenantRates(tenant, *(rates[name] for name in _RATES))
+            for tenant, rates in sorted(tenants.items())
         ),
         dropped=dropped,
     )
