@@ -367,8 +367,11 @@ _CLASSIFICATIONS: Final[Mapping[str, DataClassification.ValueType]] = {
 }
 
 
+_UNCLASSIFIED: Final = DataClassification.DATA_CLASSIFICATION_UNSPECIFIED
+
+
 def _classification(value: Any) -> DataClassification.ValueType:
-    return _CLASSIFICATIONS.get(_text(value).upper(), DataClassification.DATA_CLASSIFICATION_UNSPECIFIED)
+    return _CLASSIFICATIONS.get(_text(value).upper(), _UNCLASSIFIED)
 
 
 # The contract's length limits (envelope.proto): request values are untrusted
