@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._client import CONCURRENT, SEQUENTIAL, Run, Workload
-from benchmarks._service import CONFIGS, LABELS
+from benchmarks._service import CONFIGS, ENVELOPED, LABELS
 
 
 def nearest_rank(ordered: Sequence[int], quantile: float) -> int:
@@ -86,11 +86,11 @@ class Result:
 
     def problems(self) -> list[str]:
         """Whether the configuration did what it claims: one span per call, with
-        envelope attributes for the envelope configuration; none for bare."""
+        envelope attributes for the enveloped configurations; none for bare."""
         spans = sum(r["spans"] for r in self.rounds)
         enveloped = sum(r["enveloped_spans"] for r in self.rounds)
         want_spans = 0 if self.config == "bare" else self.calls
-        want_enveloped = self.calls if self.config == "envelope" else 0
+        want_enveloped = self.calls if self.config in ENVELOPED else 0
         found = []
         if spans != want_spans:
             found.append(f"{spans} spans exported for {self.calls} calls")
@@ -220,31 +220,52 @@ def summary(flavour: str, found: dict[Key, Result]) -> tuple[list[str], dict[str
             }
     per_message = {c: sum(values[c] for values in extra.values()) for c in CONFIGS}
 
-    cpu_ratio = _ratio(unary_cpu["envelope"], unary_cpu["otel"])
-    throughput_ratio = _ratio(throughput["envelope"], throughput["otel"])
-    message_ratio = _ratio(per_message["envelope"], per_message["otel"])
-    share = "n/a" if not math.isfinite(throughput_ratio) else f"{throughput_ratio * 100:.1f}%"
-    seq, conc = unary_cpu, unary_cpu_conc
-    lines = [
-        f"{flavour}: envelope overhead: {_pct(cpu_ratio)} server CPU per unary call, "
-        f"{share} of OTel throughput (concurrent), {_pct(message_ratio)} per stream message",
-        f"    unary server CPU µs/call, sequential: bare {_num(seq['bare'])}, OTel {_num(seq['otel'])}, "
-        f"OTel+envelope {_num(seq['envelope'])} (envelope +{_num(seq['envelope'] - seq['otel'])} µs, "
-        f"OTel +{_num(seq['otel'] - seq['bare'])} µs over bare)",
-        f"    unary server CPU µs/call, concurrent: bare {_num(conc['bare'])}, OTel {_num(conc['otel'])}, "
-        f"OTel+envelope {_num(conc['envelope'])} ({_pct(_ratio(conc['envelope'], conc['otel']))})",
-        f"    unary calls/s, concurrent: bare {_num(throughput['bare'], 0)}, "
-        f"OTel {_num(throughput['otel'], 0)}, OTel+envelope {_num(throughput['envelope'], 0)}",
-        "    µs per additional stream message, OTel → OTel+envelope: "
+    def overhead(config: str) -> tuple[float, float, float]:
+        """CPU per unary call, concurrent throughput and CPU per stream message, ÷ OTel's."""
+        return (
+            _ratio(unary_cpu[config], unary_cpu["otel"]),
+            _ratio(throughput[config], throughput["otel"]),
+            _ratio(per_message[config], per_message["otel"]),
+        )
+
+    def listed(values: dict[str, float], digits: int = 1) -> str:
+        return ", ".join(f"{LABELS[c].removeprefix('OTel + ')} {_num(values[c], digits)}" for c in CONFIGS)
+
+    lines = []
+    for config, what in (("envelope", "envelope overhead"), ("floor", "floor overhead")):
+        cpu_ratio, throughput_ratio, message_ratio = overhead(config)
+        share = "n/a" if not math.isfinite(throughput_ratio) else f"{throughput_ratio * 100:.1f}%"
+        lines.append(
+            f"{flavour}: {what}: {_pct(cpu_ratio)} server CPU per unary call, "
+            f"{share} of OTel throughput (concurrent), {_pct(message_ratio)} per stream message"
+        )
+    added = {
+        c: unary_cpu[c] - unary_cpu[base]
+        for c, base in (("envelope", "otel"), ("floor", "otel"), ("otel", "bare"))
+    }
+    lines += [
+        f"    unary server CPU µs/call, sequential: {listed(unary_cpu)} "
+        f"(envelope +{_num(added['envelope'])} µs, floor +{_num(added['floor'])} µs, "
+        f"OTel +{_num(added['otel'])} µs over bare)",
+        f"    unary server CPU µs/call, concurrent: {listed(unary_cpu_conc)} "
+        f"(envelope {_pct(_ratio(unary_cpu_conc['envelope'], unary_cpu_conc['otel']))})",
+        f"    unary calls/s, concurrent: {listed(throughput, 0)}",
+        "    µs per additional stream message, OTel → floor → envelope: "
         + "; ".join(
-            f"{name} {_num(values['otel'])} → {_num(values['envelope'])}" for name, values in extra.items()
+            f"{name} {' → '.join(_num(values[c]) for c in ('otel', 'floor', 'envelope'))}"
+            for name, values in extra.items()
         ),
     ]
+    cpu_ratio, throughput_ratio, message_ratio = overhead("envelope")
+    floor_cpu, floor_throughput, floor_message = overhead("floor")
     data = {
         "flavour": flavour,
         "unary_cpu_overhead_pct": _finite((cpu_ratio - 1) * 100),
         "unary_concurrent_throughput_pct_of_otel": _finite(throughput_ratio * 100),
         "stream_message_cpu_overhead_pct": _finite((message_ratio - 1) * 100),
+        "floor_unary_cpu_overhead_pct": _finite((floor_cpu - 1) * 100),
+        "floor_unary_concurrent_throughput_pct_of_otel": _finite(floor_throughput * 100),
+        "floor_stream_message_cpu_overhead_pct": _finite((floor_message - 1) * 100),
         "unary_sequential_cpu_us_per_call": {c: _finite(v) for c, v in unary_cpu.items()},
         "unary_concurrent_cpu_us_per_call": {c: _finite(v) for c, v in unary_cpu_conc.items()},
         "unary_concurrent_calls_per_s": {c: _finite(v) for c, v in throughput.items()},

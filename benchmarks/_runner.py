@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from benchmarks import _client, _report, _server, _service
+from benchmarks import _client, _floor, _report, _server, _service
 from envelope_grpc.testing.v1 import testing_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +44,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, Path]:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Server CPU, throughput and latency of bare grpcio, grpcio + OpenTelemetry, "
+        "OpenTelemetry + the floor (the envelope's span attributes and trailers alone), "
         "and OpenTelemetry + the envelope interceptor, for grpc and grpc.aio servers.",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny loops, one round")
@@ -114,7 +115,7 @@ class Server:
         stub = pb_grpc.ExecutionTestServiceStub(self.channel)
         _, call = stub.Run.with_call(_service.run_request(), timeout=_client.CALL_TIMEOUT)
         enveloped = any(key == _service.ENVELOPE_TRAILER for key, _ in call.trailing_metadata() or ())
-        if enveloped != (self.config == "envelope"):
+        if enveloped != (self.config in _service.ENVELOPED):
             raise RuntimeError(f"{self.process.name}: envelope trailer present={enveloped}; misconfigured")
         return stub
 
@@ -147,9 +148,10 @@ class Server:
 def measure_flavour(
     flavour: str, settings: Settings, context: Any, found: dict[_report.Key, _report.Result]
 ) -> None:
-    """Every workload against the three configurations of one flavour.
+    """Every workload against the configurations of one flavour, once the
+    floor is seen to set the attributes the envelope sets.
 
-    The three servers run side by side; for each workload the configurations
+    The servers run side by side; for each workload the configurations
     take turns, in a rotating order, for ``rounds`` rounds, so that drift in
     the machine's speed spreads evenly over them.
     """
@@ -161,6 +163,9 @@ def measure_flavour(
     }
     try:
         stubs = {config: server.connect() for config, server in servers.items()}
+        unlike = _floor.differences(servers["floor"].command("sample"), servers["envelope"].command("sample"))
+        if unlike:
+            raise RuntimeError(f"the floor does not report what the envelope does: {'; '.join(unlike)}")
         for workload in _client.workloads(settings.messages):
             callers = {config: workload.caller(stub) for config, stub in stubs.items()}
             for mode in _client.MODES:

@@ -2,9 +2,10 @@
 
 Commands (each answered): ``"start"`` begins a measured phase, ``"stop"``
 ends it and answers with the process's CPU time over the phase and the spans
-exported during it, ``"quit"`` stops the server. Both ends flush the span
-processor, so batching and export work done for the phase's calls lands in
-the phase.
+exported during it, ``"sample"`` answers with the attributes of the first
+span that carried envelope attributes (or None), ``"quit"`` stops the server.
+Both ends flush the span processor, so batching and export work done for the
+phase's calls lands in the phase.
 
 With a profile path, every thread that runs handlers (the event loop, or the
 pool's workers) is profiled with cProfile from its start, and the merged
@@ -47,6 +48,9 @@ class Controller:
         return time.process_time(), usage.ru_utime, usage.ru_stime, time.perf_counter()
 
     def handle(self, command: str) -> Any:
+        if command == "sample":
+            self.provider.force_flush()
+            return self.exporter.sample
         if command == "start":
             self.provider.force_flush()
             self.exporter.reset()

@@ -18,8 +18,15 @@ from envelope_grpc.testing.v1 import testing_pb2_grpc as pb_grpc
 
 FLAVOURS: Final = ("grpc", "grpc.aio")
 #: Server configurations, in the order they are reported.
-CONFIGS: Final = ("bare", "otel", "envelope")
-LABELS: Final = {"bare": "bare grpcio", "otel": "OTel", "envelope": "OTel + envelope"}
+CONFIGS: Final = ("bare", "otel", "floor", "envelope")
+LABELS: Final = {
+    "bare": "bare grpcio",
+    "otel": "OTel",
+    "floor": "OTel + floor",
+    "envelope": "OTel + envelope",
+}
+#: The configurations whose spans and trailers carry an envelope's attributes and id.
+ENVELOPED: Final = frozenset({"floor", "envelope"})
 
 #: A span attribute the envelope interceptor always sets, and its trailer.
 ENVELOPE_ATTRIBUTE: Final = ATTR_ID
@@ -83,17 +90,21 @@ class AioServicer(pb_grpc.ExecutionTestServiceServicer):
 
 
 class DropExporter(SpanExporter):
-    """Counts spans (and those carrying envelope attributes), keeps none."""
+    """Counts spans (and those carrying envelope attributes), keeps none but
+    the attributes of the first span with envelope attributes (``sample``)."""
 
     def __init__(self) -> None:
         self.spans = 0
         self.enveloped = 0
+        self.sample: dict[str, Any] | None = None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         self.spans += len(spans)
         for span in spans:
             if span.attributes and ENVELOPE_ATTRIBUTE in span.attributes:
                 self.enveloped += 1
+                if self.sample is None:
+                    self.sample = dict(span.attributes)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -132,15 +143,22 @@ def envelope_config() -> Any:
 
 def interceptors(flavour: str, config: str, provider: TracerProvider) -> list[Any]:
     """The server interceptors of one configuration: none, OpenTelemetry's
-    alone, or the whole chain of which OpenTelemetry's is the first."""
+    alone, OpenTelemetry's and the floor (see _floor), or the envelope's whole
+    chain, of which OpenTelemetry's is the first."""
     if config == "bare":
         return []
     import envelope_grpc
     import envelope_grpc.aio
+    from benchmarks import _floor
 
     module: Any = envelope_grpc if flavour == "grpc" else envelope_grpc.aio
     chain = list(module.server_interceptors(envelope_config(), tracer_provider=provider))
-    return chain[:1] if config == "otel" else chain
+    if config == "otel":
+        return chain[:1]
+    if config == "floor":
+        floor = _floor.FloorServerInterceptor() if flavour == "grpc" else _floor.AioFloorServerInterceptor()
+        return [chain[0], floor]
+    return chain
 
 
 # -- requests -----------------------------------------------------------------------
