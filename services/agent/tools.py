@@ -18,14 +18,15 @@ one) for the lineage and the trace to be carried.
 from __future__ import annotations
 
 import dataclasses
-import struct
 from typing import Any, Final
 
 import grpc
+import numpy as np
 from opentelemetry.instrumentation.grpc import client_interceptor
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 from opentelemetry.trace import TracerProvider
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
+from tritonclient.utils import serialize_byte_tensor
 
 import envelope_grpc
 from envelope_grpc._constants import ENVELOPE_ID_METADATA
@@ -117,10 +118,10 @@ class InferenceTools:
     def _infer(
         self, model: str, input_name: str, text: str, max_tokens: int, tenant: str, credentials: Credentials
     ) -> tuple[Any, str, str]:
-        data = text.encode("utf-8")
         request = service_pb2.ModelInferRequest(model_name=model)
         request.inputs.add(name=input_name, datatype="BYTES", shape=[1])
-        request.raw_input_contents.append(struct.pack("<I", len(data)) + data)
+        element = np.array([text.encode("utf-8")], dtype=np.object_)
+        request.raw_input_contents.append(serialize_byte_tensor(element).item())
         request.parameters["max_tokens"].int64_param = max_tokens
         if tenant:
             request.parameters["tenant"].string_param = tenant
