@@ -101,16 +101,35 @@ class _Report:
         )
 
 
+class _Wrapped:
+    """The wrapped handler of each method, made once, as the envelope
+    interceptor keeps it (a server hands out the same handler every call)."""
+
+    def __init__(self, wrap: Callable[[_Handler], _Handler]) -> None:
+        self._wrap = wrap
+        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
+
+    def of(self, method: str, handler: _Handler | None) -> _Handler | None:
+        if handler is None:
+            return None
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[method] = (handler, self._wrap(handler))
+        return cached[1]
+
+
 class FloorServerInterceptor(grpc.ServerInterceptor):
     """The floor for ``grpc`` servers."""
+
+    def __init__(self) -> None:
+        self._wrapped = _Wrapped(_wrap)
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
         details: grpc.HandlerCallDetails,
     ) -> _Handler | None:
-        handler = continuation(details)
-        return None if handler is None else _wrap(handler)
+        return self._wrapped.of(details.method, continuation(details))
 
 
 def _wrap(handler: _Handler) -> _Handler:
@@ -140,13 +159,15 @@ def _passed(messages: Iterator[Any]) -> Iterator[Any]:
 class AioFloorServerInterceptor(grpc.aio.ServerInterceptor):
     """The floor for ``grpc.aio`` servers (whose handlers are all coroutines)."""
 
+    def __init__(self) -> None:
+        self._wrapped = _Wrapped(_wrap_aio)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         details: grpc.HandlerCallDetails,
     ) -> _Handler | None:
-        handler = await continuation(details)
-        return None if handler is None else _wrap_aio(handler)
+        return self._wrapped.of(details.method, await continuation(details))
 
 
 def _wrap_aio(handler: _Handler) -> _Handler:
