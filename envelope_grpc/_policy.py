@@ -173,6 +173,8 @@ def _checked(verdict: object) -> Verdict:
         return verdict
     if not is_reason_code(verdict.reason_code) or not verdict.message:
         raise ValueError(f"a {type(verdict).__name__} needs a reason code like LIMIT_EXCEEDED and a message")
+    if isinstance(verdict, Narrow) and verdict.caps.__class__ is not Resources:
+        raise TypeError(f"a Narrow's caps are Resources, not {type(verdict.caps).__name__}")
     if isinstance(verdict, Deny) and verdict.code is grpc.StatusCode.OK:
         raise ValueError("a Deny cannot carry status OK")
     return verdict

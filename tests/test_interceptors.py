@@ -51,6 +51,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     ResourceDimension,
     Resources,
     Target,
+    Usage,
 )
 from envelope_grpc.v1.options_pb2 import FieldRule, ScopeField, TargetField
 from tests.conftest import (
@@ -980,8 +981,24 @@ def test_request_value_out_of_range_is_refused_not_admitted_blind(backend: Start
             "UnicodeEncodeError: 'utf-8' codec can't encode character '\\ud800' in position 7: "
             "surrogates not allowed",
         ),
+        (
+            Narrow({"tokens": 1}, "CAPPED", "at most one token"),  # type: ignore[arg-type]
+            "TypeError: a Narrow's caps are Resources, not dict",
+        ),
+        (
+            Narrow(Usage(duration_ms=1), "CAPPED", "a usage is no cap"),  # type: ignore[arg-type]
+            "TypeError: a Narrow's caps are Resources, not Usage",
+        ),
     ],
-    ids=["none", "narrow-without-reason", "deny-ok", "rule-id-not-text", "message-not-utf8"],
+    ids=[
+        "none",
+        "narrow-without-reason",
+        "deny-ok",
+        "rule-id-not-text",
+        "message-not-utf8",
+        "caps-a-dict",
+        "caps-not-resources",
+    ],
 )
 def test_malformed_verdict_fails_closed_and_releases(backend: Start, verdict: Any, error: str) -> None:
     counting = Counting()
