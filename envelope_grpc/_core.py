@@ -414,6 +414,8 @@ class Core:
         for resolver in self._resolvers:
             try:
                 found = resolver(info)
+                if found is not None and found.__class__ is not Principal:
+                    raise TypeError(f"a resolver returned {type(found).__name__}, not a Principal")
             except Unauthenticated as refused:
                 return "identity", Deny(
                     grpc.StatusCode.UNAUTHENTICATED, refused.reason_code, refused.message, BASIS_INVALID

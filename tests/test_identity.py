@@ -392,17 +392,27 @@ def test_resolver_chain_takes_the_first_that_answers(backend: Start) -> None:
     assert envelopes[3].decision.reason_code == "TOKEN_INVALID_SIGNATURE"
 
 
-def test_a_failing_identity_source_admits_nobody(backend: Start) -> None:
-    def directory(call: CallInfo) -> Any:
-        raise ConnectionError("directory unreachable")
+def _unreachable(call: CallInfo) -> Any:
+    raise ConnectionError("directory unreachable")
 
+
+def _sloppy(call: CallInfo) -> Any:
+    return {"subject": "user:ada"}  # not a Principal
+
+
+@pytest.mark.parametrize(
+    ("directory", "error"),
+    [(_unreachable, "ConnectionError"), (_sloppy, "TypeError")],
+    ids=["raises", "returns-no-principal"],
+)
+def test_a_failing_identity_source_admits_nobody(backend: Start, directory: Any, error: str) -> None:
     server = backend(EnvelopeConfig(resolvers=[directory, hs_resolver()]))
     with pytest.raises(grpc.RpcError) as caught:
         server.stub.Run(REQUEST, metadata=bearer(hs256()))
     (env,) = server.envelopes(1)
     assert (caught.value.code(), caught.value.details(), error_info(caught.value).reason) == (
         grpc.StatusCode.UNAUTHENTICATED,
-        "identity could not be resolved (ConnectionError)",
+        f"identity could not be resolved ({error})",
         "IDENTITY_ERROR",
     )
     assert (env.principal.subject, env.principal.auth_method) == ("", A.AUTH_METHOD_NONE)
