@@ -686,8 +686,9 @@ def _cancelled(context: Any) -> bool:
     is_active = getattr(context, "is_active", None)  # grpc
     if is_active is not None:
         return not is_active()
-    cancelled = getattr(context, "cancelled", None)  # grpc.aio
-    return bool(cancelled()) if cancelled is not None else False
+    # grpc.aio: cancelled() stays False when only the deadline has passed.
+    cancelled = getattr(context, "cancelled", None)
+    return (cancelled is not None and bool(cancelled())) or context.time_remaining() == 0
 
 
 def trailers(envelope_id: str, outcome: int) -> tuple[tuple[str, str], ...]:

@@ -114,7 +114,12 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
 
     def begin(request_or_iterator: Any, context: grpc.ServicerContext) -> tuple[Call, Any]:
         if request_streaming:
-            first = next(request_or_iterator, None)
+            try:
+                first = next(request_or_iterator, None)
+            except grpc.RpcError:  # the call ended before its first message: record it, then end
+                call, _ = core.begin(plan, context, None)
+                core.end(call, context)
+                raise
             call, status = core.begin(plan, context, first)
             argument = counted(call, first, request_or_iterator)
         else:

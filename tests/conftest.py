@@ -100,7 +100,7 @@ class SyncServicer(pb_grpc.ExecutionTestServiceServicer):
             return pb.RunResponse(payload=request.payload)
         if request.behavior == "abort":
             context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
-        if request.behavior == "sleep":
+        if request.behavior in ("sleep", "busy"):
             time.sleep(0.5)
         if request.behavior == "set_code":
             context.set_code(grpc.StatusCode.ALREADY_EXISTS)
@@ -158,6 +158,8 @@ class AsyncServicer(pb_grpc.ExecutionTestServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
         if request.behavior == "sleep":
             await asyncio.sleep(0.5)
+        if request.behavior == "busy":  # work that does not await, past the deadline
+            time.sleep(0.5)  # noqa: ASYNC251 (the point: it blocks)
         if request.behavior == "set_code":
             context.set_code(grpc.StatusCode.ALREADY_EXISTS)
             context.set_trailing_metadata((("x-handler", "own"),))

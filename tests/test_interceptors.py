@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -300,14 +300,35 @@ def test_handler_failure_is_recorded(backend: Start, behavior: str, code: grpc.S
         assert metadata["x-handler"] == "own"
 
 
-def test_deadline_cancels_the_envelope(backend: Start) -> None:
+@pytest.mark.parametrize("behavior", ["sleep", "busy"])
+def test_deadline_cancels_the_envelope(backend: Start, behavior: str) -> None:
     server = backend()
     with pytest.raises(grpc.RpcError) as caught:
-        server.stub.Run(pb.RunRequest(model="m", behavior="sleep"), timeout=0.1)
+        server.stub.Run(pb.RunRequest(model="m", behavior=behavior), timeout=0.1)
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     (env,) = server.envelopes(1)
     assert states(env)[-1] == "CANCELLED"
+    assert env.outcome.status_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert env.execution.HasField("deadline")
+    assert validate(env) == []
+
+
+def test_a_request_stream_whose_deadline_passes_before_its_first_message_is_recorded(
+    backend: Start,
+) -> None:
+    server = backend()
+
+    def late() -> Iterator[pb.UploadRequest]:
+        time.sleep(0.6)
+        yield pb.UploadRequest(destination="s3-eu", data=b"x")
+
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Upload(late(), timeout=0.2)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    (env,) = server.envelopes(1)
+    assert states(env) == ["RECEIVED", "NORMALIZED", "ADMITTED", "CANCELLED"]
+    assert env.outcome.status_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert env.outcome.usage.request_messages == 0
     assert validate(env) == []
 
 
