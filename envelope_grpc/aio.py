@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -77,6 +77,43 @@ class _StreamingContext:
 grpc.aio.ServicerContext.register(_StreamingContext)  # handlers may check what they were given
 
 
+class _PlainContext:
+    """The servicer context as a plain (not async) handler sees it on a
+    grpc.aio server, from a worker thread: ``abort`` ends the call as it does
+    on a grpc server, by running the aio context's abort on the event loop
+    and raising. Everything else is the context itself."""
+
+    __slots__ = ("_context", "_loop")
+
+    def __init__(self, context: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._context = context
+        self._loop = loop
+
+    def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
+        aborting = self._context.abort(code, details, trailing_metadata)
+        asyncio.run_coroutine_threadsafe(aborting, self._loop).result()  # raises the abort
+        raise RuntimeError("grpc.aio's abort returned")  # pragma: no cover - it always raises
+
+    def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        self.abort(status.code, status.details, status.trailing_metadata)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+_END: Any = object()
+
+
+async def _next(messages: AsyncIterator[Any]) -> Any:
+    return await anext(messages, _END)
+
+
+def _blocking(messages: AsyncIterator[Any], loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
+    """An async request stream as a plain handler reads it, from a worker thread."""
+    while (message := asyncio.run_coroutine_threadsafe(_next(messages), loop).result()) is not _END:
+        yield message
+
+
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: AbortStatus) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -99,8 +136,10 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
     serve = behavior(handler)
     request_streaming = handler.request_streaming
     yields = inspect.isasyncgenfunction(serve)
-    # grpc.aio also serves plain functions (with a migration thread pool).
     awaits = inspect.iscoroutinefunction(serve)
+    # grpc.aio also serves plain functions and generators: they run on worker
+    # threads (the loop's default executor), with a blocking view of the call.
+    plain = not (yields or awaits)
     writes = handler.response_streaming and awaits  # responses come through context.write()
 
     async def admit(context: Any, request: Any) -> tuple[Call, AbortStatus | None]:
@@ -131,13 +170,18 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
             first = await anext(iterator, None)
             call, status = await admit(context, first)
             argument: Any = _counted(call, first, iterator)
-            seen = _StreamingContext(context, call, grpc.aio.EOF if first is None else first)
+            seen: Any = _StreamingContext(context, call, grpc.aio.EOF if first is None else first)
         else:
             call, status = await admit(context, request_or_iterator)
             argument = request_or_iterator
             seen = _StreamingContext(context, call, _UNREAD) if writes else context
         if status is not None:
             await _abort(context, status)
+        if plain:
+            loop = asyncio.get_running_loop()
+            seen = _PlainContext(context, loop)
+            if request_streaming:
+                argument = _blocking(argument, loop)
         return call, argument, seen
 
     async def unary_response(request_or_iterator: Any, context: Any) -> Any:
@@ -165,10 +209,14 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
                     yield response
             elif awaits:  # a handler that writes with context.write()
                 await serve(argument, seen)
-            else:  # a plain generator
-                for response in serve(argument, seen):
-                    call.count_response(response)
-                    yield response
+            else:  # a plain generator, advanced on worker threads
+                responses = serve(argument, seen)
+                try:
+                    while (response := await asyncio.to_thread(next, responses, _END)) is not _END:
+                        call.count_response(response)
+                        yield response
+                finally:
+                    responses.close()
         except BaseException as error:
             await end(call, context, error)
             raise

@@ -65,6 +65,8 @@ from tests.conftest import (
     transitions,
 )
 
+#: The flavours, and grpc.aio serving plain functions and generators on its threads.
+FLAVORS_AND_PLAIN_AIO = ["grpc", "aio", "aio-sync"]
 SERVICE = "/envelope_grpc.testing.v1.ExecutionTestService"
 O = DecisionOutcome  # noqa: E741
 Start = Callable[..., Backend]
@@ -277,6 +279,7 @@ def test_backend_failure_aborts_with_error_info_and_ends_failed_with_its_reason(
     assert validate(env) == []
 
 
+@pytest.mark.parametrize("flavor", FLAVORS_AND_PLAIN_AIO)
 @pytest.mark.parametrize(
     ("behavior", "code"),
     [
@@ -300,6 +303,7 @@ def test_handler_failure_is_recorded(backend: Start, behavior: str, code: grpc.S
         assert metadata["x-handler"] == "own"
 
 
+@pytest.mark.parametrize("flavor", FLAVORS_AND_PLAIN_AIO)
 @pytest.mark.parametrize("behavior", ["sleep", "busy"])
 def test_deadline_cancels_the_envelope(backend: Start, behavior: str) -> None:
     server = backend()
@@ -313,6 +317,7 @@ def test_deadline_cancels_the_envelope(backend: Start, behavior: str) -> None:
     assert validate(env) == []
 
 
+@pytest.mark.parametrize("flavor", FLAVORS_AND_PLAIN_AIO)
 def test_a_request_stream_whose_deadline_passes_before_its_first_message_is_recorded(
     backend: Start,
 ) -> None:
@@ -332,6 +337,7 @@ def test_a_request_stream_whose_deadline_passes_before_its_first_message_is_reco
     assert validate(env) == []
 
 
+@pytest.mark.parametrize("flavor", FLAVORS_AND_PLAIN_AIO)
 def test_server_streaming_handler_sees_envelope_in_generator(backend: Start) -> None:
     server = backend()
     responses = list(server.stub.Watch(pb.WatchRequest(run=pb.RunRequest(model="m", count=3))))
@@ -344,6 +350,7 @@ def test_server_streaming_handler_sees_envelope_in_generator(backend: Start) -> 
     assert states(env)[-1] == "COMPLETED"
 
 
+@pytest.mark.parametrize("flavor", FLAVORS_AND_PLAIN_AIO)
 def test_client_streaming_is_admitted_on_first_message_and_handler_gets_all(backend: Start) -> None:
     server = backend()
     chunks = [
@@ -364,6 +371,7 @@ def test_client_streaming_is_admitted_on_first_message_and_handler_gets_all(back
     assert validate(env) == []
 
 
+@pytest.mark.parametrize("flavor", FLAVORS_AND_PLAIN_AIO)
 def test_an_empty_request_stream_is_admitted_on_metadata_alone(backend: Start) -> None:
     server = backend()
     reply = server.stub.Upload(iter([]))
@@ -375,6 +383,7 @@ def test_an_empty_request_stream_is_admitted_on_metadata_alone(backend: Start) -
     assert states(env) == ["RECEIVED", "NORMALIZED", "ADMITTED", "COMPLETED"]
 
 
+@pytest.mark.parametrize("flavor", FLAVORS_AND_PLAIN_AIO)
 def test_bidi_stream_counts_both_directions(backend: Start) -> None:
     server = backend()
     requests = [
