@@ -5,7 +5,10 @@ admission grant, and records the backend's steps through the handler API:
 its final grant (with a reason for every difference from the request), the
 binding to node, accelerators and endpoint, and the replicas started. A
 placement the engine refuses is rejected with its reason code and a fitting
-status. Get, List and Stop read and change the deployments kept in memory.
+status. Get, List and Stop read and change the deployments kept in memory;
+an authenticated caller sees and stops only its own tenant's deployments
+(another tenant's are not found), an anonymous one (a backend run without
+identity) all of them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import grpc
 
 import envelope_grpc
 from envelope_grpc import ExtractorRegistry
-from envelope_grpc.v1.envelope_pb2 import Binding, ExecutionEnvelope, Resources, Usage
+from envelope_grpc.v1.envelope_pb2 import AuthMethod, Binding, ExecutionEnvelope, Resources, Usage
 from services._handler import admission_grant, refuse
 from services.deployment.placement import (
     QUANTITY_FIELDS,
@@ -274,12 +277,14 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
         if token and not token.isdigit():
             refuse(context, "INVALID_PAGE_TOKEN", "page_token is not valid", grpc.StatusCode.INVALID_ARGUMENT)
         offset = int(token or 0)
+        confined = _confined_to()
         with self._lock:
             self._reap()
             matching = [
                 record.deployment
                 for record in self._deployments.values()
-                if (not request.tenant or record.deployment.tenant == request.tenant)
+                if (confined is None or record.deployment.tenant == confined)
+                and (not request.tenant or record.deployment.tenant == request.tenant)
                 and (not request.region or record.deployment.region == request.region)
                 and (not request.state or record.deployment.state == request.state)
             ]
@@ -304,7 +309,8 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
                 context, "INVALID_REQUEST", "a deployment id is required", grpc.StatusCode.INVALID_ARGUMENT
             )
         found = self._deployments.get(deployment_id)
-        if found is None:
+        confined = _confined_to()
+        if found is None or (confined is not None and found.deployment.tenant != confined):
             refuse(
                 context,
                 "DEPLOYMENT_NOT_FOUND",
@@ -332,3 +338,12 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
         ended.append(key)
         while len(ended) > self._retain_ended:
             self._deployments.pop(ended.popleft(), None)
+
+
+def _confined_to() -> str | None:
+    """The tenant whose deployments the caller may see and stop: its own when
+    it is authenticated, None (all) when it is anonymous."""
+    env = envelope_grpc.current_envelope()
+    if env is None or env.principal.auth_method == AuthMethod.AUTH_METHOD_NONE:
+        return None
+    return env.principal.tenant

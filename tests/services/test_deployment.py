@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from envelope_grpc import EnvelopeConfig, Limit, LimitsPolicy
+from envelope_grpc import CallInfo, EnvelopeConfig, Limit, LimitsPolicy
 from envelope_grpc.v1.envelope_pb2 import (
     AuthMethod,
     Binding,
@@ -33,6 +33,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     LifecycleState,
     Outcome,
     PolicyVerdict,
+    Principal,
     PrincipalKind,
     ResourceDimension,
     Resources,
@@ -344,21 +345,27 @@ def test_summarize() -> None:
 class Server(conftest.Served):
     """The deployment service on 127.0.0.1:0 with the envelope interceptors."""
 
-    def __init__(self, service_list: Sequence[_runtime.Service], policies: Sequence[Any]) -> None:
-        super().__init__(
-            service_list, EnvelopeConfig(policies=policies, trust_peer=_runtime.trusted_loopback)
-        )
+    def __init__(
+        self, service_list: Sequence[_runtime.Service], policies: Sequence[Any], resolvers: Sequence[Any]
+    ) -> None:
+        config = EnvelopeConfig(policies=policies, resolvers=resolvers, trust_peer=_runtime.trusted_loopback)
+        super().__init__(service_list, config)
         self.stub = pb_grpc.DeploymentServiceStub(self.channel)
 
 
 @pytest.fixture
 def serve(servers: conftest.Servers) -> Callable[..., Server]:
-    """serve(policies=..., service_list=...) starts a server; all stop at the end."""
+    """serve(policies=..., resolvers=..., service_list=...) starts a server;
+    all stop at the end."""
 
     def start(
-        *, policies: Sequence[Any] = (), service_list: Sequence[_runtime.Service] | None = None
+        *,
+        policies: Sequence[Any] = (),
+        resolvers: Sequence[Any] = (),
+        service_list: Sequence[_runtime.Service] | None = None,
     ) -> Server:
-        return servers(Server, service_list if service_list is not None else services(), policies)
+        service_list = service_list if service_list is not None else services()
+        return servers(Server, service_list, policies, resolvers)
 
     return start
 
@@ -957,6 +964,45 @@ def test_get_list_and_stop(server: Server) -> None:
         "ListDeployments", by_tenant, everyone, CONTROL_DONE, tenant="globex", outcome=completed(by_tenant)
     )
     assert stable(envs[7]) == control("StopDeployment", stop, target, CONTROL_DONE, outcome=completed(stop))
+
+
+def _tenant_header(call: CallInfo) -> Principal | None:
+    """Callers named by an "x-test-tenant" header, as an identity source would."""
+    tenant = call.metadata.get("x-test-tenant")
+    if not isinstance(tenant, str):
+        return None
+    return Principal(subject=f"user:{tenant}", tenant=tenant, auth_method=AuthMethod.AUTH_METHOD_JWT)
+
+
+def test_an_authenticated_caller_sees_and_stops_only_its_tenants_deployments(
+    serve: Callable[..., Server],
+) -> None:
+    stub = serve(resolvers=[_tenant_header]).stub
+    acme, globex = (("x-test-tenant", "acme"),), (("x-test-tenant", "globex"),)
+    mine = stub.DeployModel(deploy_request(max_replicas=1), metadata=acme, timeout=10).deployment
+    theirs = stub.DeployModel(
+        deploy_request(tenant="globex", location="eu-west", accelerator_type="nvidia-h100", lb_port=None),
+        metadata=globex,
+        timeout=10,
+    ).deployment
+    assert (mine.tenant, theirs.tenant) == ("acme", "globex")
+
+    listed = stub.ListDeployments(pb.ListDeploymentsRequest(), metadata=globex, timeout=10)
+    assert list(listed.deployments) == [theirs]
+    asked_for_acme = pb.ListDeploymentsRequest(tenant="acme")
+    assert list(stub.ListDeployments(asked_for_acme, metadata=globex, timeout=10).deployments) == []
+    get = pb.GetDeploymentRequest(deployment_id=mine.deployment_id)
+    stop = pb.StopDeploymentRequest(deployment_id=mine.deployment_id)
+    errors = [
+        refused(lambda: stub.GetDeployment(get, metadata=globex, timeout=10)),
+        refused(lambda: stub.StopDeployment(stop, metadata=globex, timeout=10)),
+    ]
+    assert [(e.code(), error_info(e).reason) for e in errors] == [
+        (grpc.StatusCode.NOT_FOUND, "DEPLOYMENT_NOT_FOUND"),
+    ] * 2
+    assert stub.GetDeployment(get, metadata=acme, timeout=10).deployment == mine  # still running
+    anonymous = stub.ListDeployments(pb.ListDeploymentsRequest(), timeout=10)
+    assert list(anonymous.deployments) == [mine, theirs]
 
 
 def test_unknown_deployment_is_not_found(server: Server) -> None:
