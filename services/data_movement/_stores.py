@@ -23,6 +23,8 @@ _STORE_NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 #: Longest object path accepted (the envelope keeps it as a target attribute
 #: of at most 512 characters).
 MAX_PATH: Final = 512
+#: The longest file name a file system takes.
+MAX_PART_BYTES: Final = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +95,10 @@ class Stores:
     def resolve(self, store: Store, path: str) -> tuple[str, pathlib.Path]:
         """The normalized relative path and the file of ``path`` in ``store``.
 
-        Raises PathError for an empty, overlong or malformed path (INVALID_PATH)
-        and for one that would leave the store (PATH_TRAVERSAL): absolute paths,
-        ".." parts, and symbolic links pointing outside.
+        Raises PathError for an empty, overlong or malformed path, or one with
+        a part longer than a file name may be (INVALID_PATH), and for one that
+        would leave the store (PATH_TRAVERSAL): absolute paths, ".." parts,
+        and symbolic links pointing outside.
         """
         if not path or len(path) > MAX_PATH:
             raise PathError("INVALID_PATH", f"a path has 1 to {MAX_PATH} characters")
@@ -108,6 +111,8 @@ class Stores:
             raise PathError("PATH_TRAVERSAL", "a path has no '..' parts")
         if any(part in ("", ".") for part in parts):
             raise PathError("INVALID_PATH", "a path has no empty or '.' parts")
+        if any(len(part.encode()) > MAX_PART_BYTES for part in parts):
+            raise PathError("INVALID_PATH", f"a path's parts have at most {MAX_PART_BYTES} bytes")
         file = store.root.joinpath(*parts)
         if not file.resolve().is_relative_to(store.root):
             raise PathError("PATH_TRAVERSAL", "the path leaves its store")

@@ -219,6 +219,7 @@ def test_second_header_is_refused(served: Served) -> None:
         ({"region": "us-east-1"}, grpc.StatusCode.FAILED_PRECONDITION, "REGION_MISMATCH"),
         ({"path": ""}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PATH"),
         ({"path": "a//b"}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PATH"),
+        ({"path": "a/" + "é" * 128}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PATH"),  # 256 bytes
     ],
 )
 def test_upload_refused_before_any_data(
