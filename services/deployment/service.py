@@ -274,7 +274,7 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
             )
         token = request.page_token
-        if token and not token.isdigit():
+        if token and not (token.isascii() and token.isdigit()):
             refuse(context, "INVALID_PAGE_TOKEN", "page_token is not valid", grpc.StatusCode.INVALID_ARGUMENT)
         offset = int(token or 0)
         confined = _confined_to()

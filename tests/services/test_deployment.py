@@ -1011,17 +1011,20 @@ def test_unknown_deployment_is_not_found(server: Server) -> None:
     get = pb.GetDeploymentRequest(deployment_id=unknown)
     stop = pb.StopDeploymentRequest(deployment_id=unknown)
     bad_page = pb.ListDeploymentsRequest(page_token="x")
+    superscript = pb.ListDeploymentsRequest(page_token="²")  # a digit to str.isdigit, not to int()
     errors = [
         refused(lambda: stub.GetDeployment(get, timeout=10)),
         refused(lambda: stub.StopDeployment(stop, timeout=10)),
         refused(lambda: stub.ListDeployments(bad_page, timeout=10)),
+        refused(lambda: stub.ListDeployments(superscript, timeout=10)),
     ]
     assert [(e.code(), error_info(e).reason) for e in errors] == [
         (grpc.StatusCode.NOT_FOUND, "DEPLOYMENT_NOT_FOUND"),
         (grpc.StatusCode.NOT_FOUND, "DEPLOYMENT_NOT_FOUND"),
         (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN"),
     ]
-    envs = server.envelopes(3)
+    envs = server.envelopes(4)
     message = f"no deployment {unknown}"
     outcome = Outcome(status_code=5, status_message=message, reason_code="DEPLOYMENT_NOT_FOUND")
     target = Target(type="deployment", name=unknown)
