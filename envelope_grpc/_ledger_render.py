@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from envelope_grpc import _table
 from envelope_grpc._envelope import DIMENSION_FIELDS
@@ -28,6 +29,8 @@ from envelope_grpc.v1.envelope_pb2 import (
     ExecutionEnvelope,
     Resources,
 )
+
+MessageT = TypeVar("MessageT", bound=Message)
 
 #: The envelope table's columns, after the start time.
 HEADER: Final = ("started", *_table.HEADER)
@@ -61,8 +64,41 @@ def table(envelopes: Sequence[ExecutionEnvelope], out: IO[str]) -> None:
 
 
 def line(cells: Sequence[str]) -> str:
-    """Cells padded to fixed widths, for tables printed a line at a time."""
-    return "  ".join(cell.ljust(width) for cell, width in zip(cells, _WIDTHS, strict=False)).rstrip()
+    """Cells (made visible) padded to fixed widths, for tables printed a line at a time."""
+    padded = (_table.visible(cell).ljust(width) for cell, width in zip(cells, _WIDTHS, strict=False))
+    return "  ".join(padded).rstrip()
+
+
+def visible(message: MessageT) -> MessageT:
+    """A copy of ``message`` whose every text (map keys included) is made
+    ``_table.visible``, to print."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    _make_visible(copy)
+    return copy
+
+
+def _make_visible(message: Message) -> None:
+    for field, value in message.ListFields():
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            entries = list(value.items())
+            message.ClearField(field.name)
+            mapped = getattr(message, field.name)
+            for key, item in entries:
+                key = _table.visible(key) if isinstance(key, str) else key
+                if isinstance(item, Message):
+                    _make_visible(item)
+                    mapped[key].CopyFrom(item)
+                else:
+                    mapped[key] = _table.visible(item) if isinstance(item, str) else item
+        elif field.type == field.TYPE_STRING:
+            if field.is_repeated:
+                value[:] = [_table.visible(text) for text in value]
+            else:
+                setattr(message, field.name, _table.visible(value))
+        elif field.message_type is not None:
+            for item in value if field.is_repeated else (value,):
+                _make_visible(item)
 
 
 # -- one envelope ------------------------------------------------------------------------
@@ -102,7 +138,8 @@ def tree_rows(node: LineageNode, mark: str = "") -> list[tuple[str, ...]]:
 
 
 def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None:
-    """Everything about one envelope, then its lineage tree."""
+    """Everything about one envelope (made ``visible``), then its lineage tree."""
+    env = visible(env)
     write = out.write
     principal = env.principal
     execution = env.execution

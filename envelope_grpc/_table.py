@@ -95,12 +95,21 @@ def target_label(env: ExecutionEnvelope, missing: str = "") -> str:
     return f"{name}:{target.version}" if target.version else name
 
 
+def visible(text: str) -> str:
+    """``text`` with every character a terminal would act on (a line break,
+    an escape sequence, a direction override) written as its escape: what
+    callers put into an envelope cannot draw rows or hide text."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def render(
     rows: Sequence[Sequence[str]], out: IO[str], header: Sequence[str] | None = HEADER, *, indent: str = ""
 ) -> None:
-    """Write ``rows`` as aligned columns, under ``header`` and a rule when
-    there is one, each line starting with ``indent``."""
-    table = [tuple(r) for r in ([header] if header is not None else []) + list(rows)]
+    """Write ``rows`` as aligned columns (each cell made ``visible``), under
+    ``header`` and a rule when there is one, each line starting with ``indent``."""
+    table = [tuple(map(visible, r)) for r in ([header] if header is not None else []) + list(rows)]
     if not table:
         return
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]

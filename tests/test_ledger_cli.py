@@ -345,3 +345,28 @@ def test_the_demo_with_a_bad_ledger_is_a_one_line_error(
     assert (status, out) == (1, "")
     assert err.startswith("envelope-grpc: cannot open sqlite:///no/such/dir/l.db")
     assert err.count("\n") == 1
+
+
+def test_what_callers_wrote_cannot_draw_rows_or_hide_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = admitted(tenant="acme\x1b[8m")
+    env.execution.target.name = "m\nforged-row  alice  acme  deployment\x1b[8m"
+    env.execution.target.attributes["path\n"] = "a\u202eb"
+    url = f"sqlite:///{tmp_path / 'hostile.db'}"
+    with open_ledger(url) as ledger:
+        ledger.write([env])
+    outputs = [
+        cli(capsys, "ledger", "--ledger", url, *command)
+        for command in (["list"], ["show", env.envelope_id], ["tail", "--once"], ["stats"])
+    ]
+    for status, out, err in outputs:
+        assert (status, err) == (0, "")
+        assert not any(c in out for c in "\x1b\u202e")
+        assert "forged-row" not in out or "m\\nforged-row" in out
+    (_, listed, _), (_, shown, _), (_, tailed, _), (_, stats, _) = outputs
+    assert len(listed.splitlines()) == 3  # header, rule, one row
+    assert len(tailed.splitlines()) == 2  # header, one row
+    assert "m\\nforged-row  alice  acme  deployment\\x1b[8m" in shown
+    assert "path\\n=a\\u202eb" in shown
+    assert "acme\\x1b[8m" in stats
