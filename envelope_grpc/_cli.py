@@ -35,15 +35,27 @@ class _Parser(argparse.ArgumentParser):
 def _when(text: str) -> datetime.datetime:
     """A time: ISO 8601 (naive means local time) or an age such as 15m, 2h, 3d."""
     age = _AGE.fullmatch(text.strip())
-    if age:
-        seconds = float(age.group(1)) * _SECONDS[age.group(2)]
-        return datetime.datetime.now().astimezone() - datetime.timedelta(seconds=seconds)
     try:
+        if age:
+            seconds = float(age.group(1)) * _SECONDS[age.group(2)]
+            return datetime.datetime.now().astimezone() - datetime.timedelta(seconds=seconds)
         return datetime.datetime.fromisoformat(text.strip())
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"not a time this side of year 1: {text!r}") from None
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"not a time: {text!r} (use ISO 8601 such as 2026-11-22T08:00, or an age: 30s, 15m, 2h, 3d)"
         ) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 seconds, not {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -95,7 +107,7 @@ def _ledger_parser(commands: Any) -> None:
     )
     tail.add_argument("--once", action="store_true", help="print what is there and exit")
     tail.add_argument(
-        "--interval", type=float, default=0.5, help="seconds between polls (default: %(default)s)"
+        "--interval", type=_seconds, default=0.5, help="seconds between polls (default: %(default)s)"
     )
     tail.add_argument("--json", action="store_true", help="one proto3-JSON envelope per line")
 

@@ -145,12 +145,15 @@ def resolve_url(url: str | None = None) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for messages."""
+    """``url`` without its password (in its user part or its query), for messages."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    if parts.query:
+        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        hidden = [(key, "***" if key.lower() == "password" else value) for key, value in pairs]
+        parts = parts._replace(query=urllib.parse.urlencode(hidden, safe="*"))
+    return urllib.parse.urlunsplit(parts)
 
 
 def first_line(error: BaseException) -> str:

@@ -104,18 +104,25 @@ def _choice(value: str | int | None, what: str) -> str | None:
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
+_INT64: Final = 2**63
+
+
 def _ns(value: Instant | None) -> int | None:
-    """Nanoseconds since the epoch, exactly (floats lose sub-microsecond digits)."""
+    """Nanoseconds since the epoch, exactly (floats lose sub-microsecond
+    digits), within the 64-bit range the ledger stores them in (years
+    1677 to 2262): a bound beyond it is the range's end."""
     if value is None:
         return None
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None:
             value = value.astimezone()  # naive: local time
         delta = value - _EPOCH
-        return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
-    if isinstance(value, int):
-        return value * 1_000_000_000
-    return round(value * 1e6) * 1_000  # to the microsecond, as a datetime would be
+        ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+    elif isinstance(value, int):
+        ns = value * 1_000_000_000
+    else:
+        ns = round(value * 1e6) * 1_000  # to the microsecond, as a datetime would be
+    return min(max(ns, -_INT64), _INT64 - 1)
 
 
 @dataclasses.dataclass(frozen=True)

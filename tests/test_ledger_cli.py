@@ -285,6 +285,10 @@ def test_the_ledger_option_comes_from_the_environment(
         (("ledger", "list", "--kind", "teleport"), 2, "invalid choice: 'teleport'"),
         (("ledger", "list", "--state", "done"), 2, "invalid choice: 'done'"),
         (("ledger", "list", "--since", "last tuesday"), 2, "not a time: 'last tuesday'"),
+        (("ledger", "list", "--since", "999999d"), 2, "not a time this side of year 1: '999999d'"),
+        (("ledger", "list", "--since", "9" * 20 + "w"), 2, "not a time this side of year 1"),
+        (("ledger", "tail", "--interval", "inf"), 2, "at most 3600 seconds, not inf"),
+        (("ledger", "tail", "--interval", "0"), 2, "more than 0"),
         (("ledger", "list", "--limit", "0"), 2, "must be at least 1"),
         (("ledger", "show"), 2, "required: ID"),
         (("ledger", "show", "zz"), 2, "not an envelope id: 'zz'"),
@@ -322,6 +326,10 @@ def test_bad_arguments_are_one_line_errors(
             "postgresql://nobody:secret@127.0.0.1:1/ledger?connect_timeout=2",
             "postgresql://nobody:***@127.0.0.1:1",
         ),
+        (
+            "postgresql://nobody@127.0.0.1:1/ledger?password=secret&connect_timeout=2",
+            "postgresql://nobody@127.0.0.1:1/ledger?password=***&connect_timeout=2",
+        ),
         ("mysql://x@y/z", "unsupported ledger URL"),
     ],
 )
@@ -345,6 +353,17 @@ def test_the_demo_with_a_bad_ledger_is_a_one_line_error(
     assert (status, out) == (1, "")
     assert err.startswith("envelope-grpc: cannot open sqlite:///no/such/dir/l.db")
     assert err.count("\n") == 1
+
+
+def test_time_bounds_beyond_the_stored_range_are_its_ends(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    with open_ledger(url) as ledger:
+        ledger.write([admitted()])
+    for bounds in (("--until", "2300-01-01"), ("--since", "1600-01-01T00:00+00:00")):
+        status, out, err = cli(capsys, "ledger", "--ledger", url, "list", *bounds)
+        assert (status, err, len(out.splitlines())) == (0, "", 3)  # header, rule, the envelope
 
 
 def test_what_callers_wrote_cannot_draw_rows_or_hide_text(
