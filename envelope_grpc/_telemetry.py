@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final, NamedTuple
 
@@ -216,34 +217,19 @@ def annotate(span: trace.Span, env: ExecutionEnvelope, done: Progress) -> None:
 _Amounts = Sequence[tuple[str, int]]
 
 
-class Metrics:
-    """Admissions by kind, outcome and tenant; requested and granted amounts
-    by resource dimension. Uses the global meter provider unless given one.
+class _Tally:
+    """The admission counts of one meter provider, summed over every
+    interceptor that reports to it (the SDK keeps only the first instrument
+    of a name, so each interceptor cannot have its own)."""
 
-    Counts are summed in process and read by the SDK at collection time
-    (observable counters): an SDK counter's ``add`` costs microseconds, and a
-    call would make several. A call only queues what it decided; the queue
-    is summed in batches, at collection or once it holds ``fold_every``
-    decisions. Each instrument keeps at most ``max_series`` label sets;
-    further ones are summed into one overflow series, as the SDK's own
-    cardinality limit does.
-    """
-
-    def __init__(
-        self,
-        meter_provider: metrics.MeterProvider | None = None,
-        *,
-        max_series: int = 2000,
-        fold_every: int = 256,
-    ) -> None:
-        self._lock = threading.Lock()
-        self._max_series = max_series
-        self._fold_every = fold_every
+    def __init__(self, meter_provider: metrics.MeterProvider, max_series: int) -> None:
+        self.lock = threading.Lock()
+        self.max_series = max_series
         # Appends and pops of a deque are atomic: calls queue without a lock.
-        self._queued: collections.deque[tuple[int, str, int, _Amounts, _Amounts]] = collections.deque()
+        self.queued: collections.deque[tuple[int, str, int, _Amounts, _Amounts]] = collections.deque()
         # Keyed by (kind, tenant, outcome or dimension name), as numbers where
         # the contract has them: names are looked up at collection.
-        self._sums: tuple[dict[tuple[int, str, int | str], int], ...] = ({}, {}, {})
+        self.sums: tuple[dict[tuple[int, str, int | str], int], ...] = ({}, {}, {})
         meter = metrics.get_meter("envelope_grpc", meter_provider=meter_provider)
         for index, (name, unit, description, label) in enumerate(
             (
@@ -260,9 +246,9 @@ class Metrics:
         key = f"{k.NAMESPACE}.{label}"
 
         def observe(options: CallbackOptions) -> Iterable[Observation]:
-            with self._lock:
-                self._fold()
-                sums = list(self._sums[index].items())
+            with self.lock:
+                self.fold()
+                sums = list(self.sums[index].items())
             for (kind, tenant, value), total in sums:
                 if kind == _OVERFLOW:
                     yield Observation(total, {"otel.metric.overflow": True})
@@ -272,6 +258,61 @@ class Metrics:
                     yield Observation(total, {_KIND: kind_name, _TENANT: tenant, key: name})
 
         return observe
+
+    def fold(self) -> None:
+        """Sum the queued decisions (the lock held)."""
+        queued = self.queued
+        while True:
+            try:
+                kind, tenant, outcome, requested, granted = queued.popleft()
+            except IndexError:
+                return
+            self._add(0, (kind, tenant, outcome), 1)
+            for name, value in requested:
+                self._add(1, (kind, tenant, name), value)
+            for name, value in granted:
+                self._add(2, (kind, tenant, name), value)
+
+    def _add(self, index: int, key: tuple[int, str, int | str], value: int) -> None:
+        sums = self.sums[index]
+        if key not in sums and len(sums) >= self.max_series:
+            key = _OVERFLOW_KEY
+        sums[key] = sums.get(key, 0) + value
+
+
+_TALLIES: Final[weakref.WeakKeyDictionary[metrics.MeterProvider, _Tally]] = weakref.WeakKeyDictionary()
+_TALLIES_LOCK: Final = threading.Lock()
+
+
+class Metrics:
+    """Admissions by kind, outcome and tenant; requested and granted amounts
+    by resource dimension. Uses the global meter provider unless given one.
+
+    Counts are summed in process and read by the SDK at collection time
+    (observable counters): an SDK counter's ``add`` costs microseconds, and a
+    call would make several. A call only queues what it decided; the queue
+    is summed in batches, at collection or once it holds ``fold_every``
+    decisions. Every interceptor that reports to one meter provider adds to
+    the same counts. Each instrument keeps at most ``max_series`` label sets
+    (as the first interceptor of a provider set it); further ones are summed
+    into one overflow series, as the SDK's own cardinality limit does.
+    """
+
+    def __init__(
+        self,
+        meter_provider: metrics.MeterProvider | None = None,
+        *,
+        max_series: int = 2000,
+        fold_every: int = 256,
+    ) -> None:
+        provider = meter_provider or metrics.get_meter_provider()
+        with _TALLIES_LOCK:
+            tally = _TALLIES.get(provider)
+            if tally is None:
+                tally = _TALLIES[provider] = _Tally(provider, max_series)
+        self._tally = tally
+        self._queued = tally.queued
+        self._fold_every = fold_every
 
     def record(
         self, kind: int, tenant: str, outcome: int, requested: Resources, grant: Resources | None
@@ -289,28 +330,8 @@ class Metrics:
         queued = self._queued
         queued.append((kind, tenant, outcome, amounts, granted))
         if len(queued) >= self._fold_every:
-            with self._lock:
-                self._fold()
-
-    def _fold(self) -> None:
-        """Sum the queued decisions (the lock held)."""
-        queued = self._queued
-        while True:
-            try:
-                kind, tenant, outcome, requested, granted = queued.popleft()
-            except IndexError:
-                return
-            self._add(0, (kind, tenant, outcome), 1)
-            for name, value in requested:
-                self._add(1, (kind, tenant, name), value)
-            for name, value in granted:
-                self._add(2, (kind, tenant, name), value)
-
-    def _add(self, index: int, key: tuple[int, str, int | str], value: int) -> None:
-        sums = self._sums[index]
-        if key not in sums and len(sums) >= self._max_series:
-            key = _OVERFLOW_KEY
-        sums[key] = sums.get(key, 0) + value
+            with self._tally.lock:
+                self._tally.fold()
 
 
 def _quantities(resources: Resources) -> _Amounts:

@@ -166,6 +166,23 @@ def test_admission_metrics(backend: Any) -> None:
     provider.shutdown()
 
 
+def test_interceptors_that_share_a_meter_provider_add_to_the_same_counts(backend: Any) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    first: Backend = backend(EnvelopeConfig(meter_provider=provider))
+    second: Backend = backend(EnvelopeConfig(meter_provider=provider))
+    first.stub.Run(pb.RunRequest(model="m", tenant="acme", max_tokens=5))
+    for _ in range(3):
+        second.stub.Run(pb.RunRequest(model="m", tenant="acme", max_tokens=10))
+    first.envelopes(1)
+    second.envelopes(3)
+    assert _points(reader, "execution_envelope.admissions") == {_labels("acme", outcome="admitted"): 4}
+    assert _points(reader, "execution_envelope.resources.requested") == {
+        _labels("acme", dimension="tokens"): 35
+    }
+    provider.shutdown()
+
+
 def _labels(tenant: str, **extra: str) -> tuple[tuple[str, Any], ...]:
     found = {"kind": "inference", "tenant": tenant, **extra}
     return tuple(sorted((f"execution_envelope.{key}", value) for key, value in found.items()))
