@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -103,8 +104,10 @@ class PolicySpec:
     ``dry_run`` records the verdict and changes nothing. ``fail_open`` decides
     what a raising or late policy means: None takes the interceptor's default
     (fail closed unless configured), True lets the call through and marks it.
-    ``budget`` (seconds) bounds the policy's time: it then runs on a worker
-    thread and a late verdict counts as a failure. ``blocking`` says the
+    ``budget`` (seconds) bounds the policy's time, waiting for one of the
+    shared policy workers included: it then runs on a worker thread, a late
+    verdict counts as a failure, and a releasing policy that returns late is
+    released once it does. ``blocking`` says the
     policy does I/O; with it, or a budget, grpc.aio servers admit calls off
     the event loop (and release them off it, for a releasing policy). A
     policy whose own ``blocking`` attribute is true is blocking whatever the
@@ -137,6 +140,7 @@ def as_spec(policy: Policy | PolicySpec) -> PolicySpec:
 
 
 POLICY_ERROR = "POLICY_ERROR"
+_log = logging.getLogger("envelope_grpc")
 
 
 def _cap(granted: Resources, caps: Resources) -> None:
@@ -180,7 +184,9 @@ def _checked(verdict: object) -> Verdict:
     return verdict
 
 
-_WORKERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="envelope-grpc-policy")
+# Budgeted policies wait on I/O: threads are cheap next to a call refused
+# only because it queued for one (made as needed, up to this many).
+_WORKERS = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="envelope-grpc-policy")
 
 
 def _consult(spec: PolicySpec, env: ExecutionEnvelope) -> Verdict:
@@ -190,8 +196,19 @@ def _consult(spec: PolicySpec, env: ExecutionEnvelope) -> Verdict:
     try:
         return future.result(timeout=spec.budget)
     except concurrent.futures.TimeoutError:
-        future.cancel()
+        if not future.cancel() and spec.release is not None:
+            # It runs on, after the call was refused and released: whatever
+            # it takes is given back when it returns.
+            release = spec.release
+            future.add_done_callback(lambda _: _release_late(release, env))
         raise TimeoutError(f"no verdict within its budget of {spec.budget * 1000:g} ms") from None
+
+
+def _release_late(policy: Releasing, env: ExecutionEnvelope) -> None:
+    try:
+        policy.release(env)
+    except Exception:  # giving back must never fail; it is logged
+        _log.exception("policy %r failed to release envelope %s", policy, env.envelope_id)
 
 
 class PolicyRun(NamedTuple):

@@ -63,6 +63,7 @@ from tests.conftest import (
     server_span,
     states,
     transitions,
+    wait_until,
 )
 
 #: The flavours, and grpc.aio serving plain functions and generators on its threads.
@@ -923,6 +924,43 @@ class Counting:
 
     def release(self, envelope: ExecutionEnvelope, /) -> None:
         self.released.append(envelope.envelope_id)
+
+
+class Held:
+    """A releasing policy that holds something only once its verdict is in:
+    release gives back what it holds, and nothing before."""
+
+    name = "held"
+
+    def __init__(self) -> None:
+        self.proceed = threading.Event()
+        self.holding: set[str] = set()
+        self.given_back: list[str] = []
+
+    def __call__(self, envelope: ExecutionEnvelope, /) -> Allow:
+        self.proceed.wait(5)
+        self.holding.add(envelope.envelope_id)
+        return Allow()
+
+    def release(self, envelope: ExecutionEnvelope, /) -> None:
+        if envelope.envelope_id in self.holding:
+            self.holding.remove(envelope.envelope_id)
+            self.given_back.append(envelope.envelope_id)
+
+
+def test_a_releasing_policy_that_answers_after_its_budget_is_released_when_it_does(
+    backend: Start,
+) -> None:
+    held = Held()
+    server = backend(EnvelopeConfig(policies=[PolicySpec(held, budget=0.05)]))
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Run(RUN)
+    (env,) = server.envelopes(1)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert held.given_back == []  # the call was released before the policy took anything
+    held.proceed.set()
+    wait_until(lambda: held.given_back == [env.envelope_id])
+    assert held.holding == set()
 
 
 def test_releasing_policy_gives_back_when_the_call_ends(backend: Start) -> None:
