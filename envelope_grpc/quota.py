@@ -11,9 +11,11 @@ tenant counts as ``"anonymous"``):
 - **per window** (``window=seconds``): the amount used in a sliding window,
   e.g. tokens per 60 s. Taken at admission and *not* given back, except that
   ``release`` refunds what the call did not use when the handler recorded its
-  actual usage (``outcome.usage.tokens``, ``bytes_moved`` or ``duration_ms``
-  below the amount taken), and refunds all of it when admission refused the
-  call after the quota was taken (a later policy denied it: nothing ran).
+  actual usage (``outcome.usage.tokens`` or ``bytes_moved`` below the amount
+  taken), and refunds all of it when admission refused the call after the
+  quota was taken (a later policy denied it: nothing ran). Duration is never
+  refunded by usage: ``usage.duration_ms`` is the call's own wall time, which
+  says nothing of how long what it started (a deployment) runs.
 
 Decisions, on purpose:
 
@@ -98,11 +100,11 @@ QUOTA_NARROWED: Final = "QUOTA_NARROWED"
 
 _ANONYMOUS: Final = "anonymous"
 _log = logging.getLogger("envelope_grpc")
-# The usage field that tells how much of a windowed dimension a call really used.
+# The usage field that tells how much of a windowed dimension a call really
+# used (not duration: usage.duration_ms is the call's wall time).
 _USAGE_FIELDS: Final[Mapping[int, Any]] = {
     ResourceDimension.RESOURCE_DIMENSION_TOKENS: "tokens",
     ResourceDimension.RESOURCE_DIMENSION_BYTES: "bytes_moved",
-    ResourceDimension.RESOURCE_DIMENSION_DURATION_MS: "duration_ms",
 }
 _NAME: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 

@@ -411,6 +411,16 @@ def test_release_refunds_windows_by_usage_and_in_full_when_admission_denied() ->
     assert policy.usage("acme") == {TOKENS_DAY: 542, GPUS: 0}
 
 
+def test_a_windowed_duration_is_not_refunded_by_the_calls_own_wall_time() -> None:
+    hour_ms = 3_600_000
+    policy = QuotaPolicy([Budget(ResourceDimension.RESOURCE_DIMENSION_DURATION_MS, 10 * hour_ms, window=DAY)])
+    deployed = envelope(duration_ms=hour_ms)  # a deployment that is to run for an hour
+    assert policy(deployed) == Allow()
+    deployed.outcome.usage.duration_ms = 12  # the call that started it took 12 ms
+    policy.release(deployed)
+    assert policy.usage("acme") == {"duration_ms.86400000ms.any": hour_ms}
+
+
 class Gate(MemoryQuotaStore):
     """A memory store whose takes wait for the test to open the gate."""
 
