@@ -124,7 +124,10 @@ def start(
     status.set("", health_pb2.HealthCheckResponse.SERVING)
     names = [service.name for service in services]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    try:  # grpcio raises where older releases returned 0
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    except RuntimeError:
+        bound = 0
     if bound == 0:
         raise OSError(f"cannot listen on 127.0.0.1:{port}")
     server.start()

@@ -17,8 +17,12 @@ def run(
     audit_path: str, root: str | None = None, out: IO[str] = sys.stdout, *, ledger: str | None = None
 ) -> int:
     """Serve until interrupted; an exit status."""
-    recorder = LedgerSink(ledger)  # default: $ENVELOPE_GRPC_LEDGER, else envelopes.db
     audit = JsonLinesSink(audit_path)
+    try:
+        recorder = LedgerSink(ledger)  # default: $ENVELOPE_GRPC_LEDGER, else envelopes.db
+    except BaseException:
+        audit.close()
+        raise
     sinks: list[Sink] = [audit, recorder]
     provider = tracer_provider("envelope-grpc")
     try:

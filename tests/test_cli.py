@@ -49,3 +49,14 @@ def test_unwritable_audit_path_is_a_one_line_error(capsys: pytest.CaptureFixture
     error = capsys.readouterr().err
     assert error.startswith("envelope-grpc: ")
     assert error.count("\n") == 1
+
+
+def test_serve_with_an_unwritable_audit_path_leaves_no_ledger_behind(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ENVELOPE_GRPC_LEDGER", raising=False)
+    assert main(["serve", "--audit", "/nonexistent/dir/audit.jsonl"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("envelope-grpc: ")
+    assert sorted(path.name for path in tmp_path.iterdir()) == []

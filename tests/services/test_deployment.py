@@ -8,6 +8,7 @@ import hashlib
 import json
 import pathlib
 import re
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -1145,3 +1146,15 @@ def test_python_m_serves_answers_health_and_stops_on_sigterm() -> None:
             )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         assert stop_with_sigterm(process) == 0
+
+
+def test_a_busy_port_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(SystemExit) as exited:
+            _runtime.main("deployment", lambda args, provider: services(), ["--port", str(port)])
+    assert exited.value.code == 1
+    error = capsys.readouterr().err
+    assert error == f"python -m services.deployment: cannot listen on 127.0.0.1:{port}\n"
