@@ -8,11 +8,13 @@ envelope and a failing sink loses its batch: both are counted, exposed by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import IO, Protocol, runtime_checkable
 
@@ -77,6 +79,8 @@ class SinkDispatcher:
         with self._lock:
             self._submitted += 1
         try:
+            if self._closed:  # nothing will write it: it counts as dropped
+                raise queue.Full
             self._queue.put_nowait(envelope)
         except queue.Full:
             with self._lock:
@@ -102,12 +106,24 @@ class SinkDispatcher:
             return done.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, stop the thread, and close every sink."""
+        """Write what is queued, stop the thread, and close every sink, within
+        ``timeout`` seconds; sinks still writing then are left open (and
+        logged), not closed under the writer. Envelopes submitted afterwards
+        count as dropped."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(queue.Full):  # a full queue behind a stuck sink
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            _log.error(
+                "audit sinks still writing after %g s, %d envelope(s) queued: left open",
+                timeout,
+                self._queue.qsize(),
+            )
+            return
         for sink in self._sinks:
             try:
                 sink.close()

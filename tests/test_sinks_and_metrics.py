@@ -72,6 +72,35 @@ class Blocking:
         pass
 
 
+def test_close_keeps_its_timeout_behind_a_stuck_sink_and_later_envelopes_count_as_dropped() -> None:
+    class Stuck(Blocking):
+        closed = False
+        entered = threading.Event()
+
+        def write(self, envelopes: Any, /) -> None:
+            self.entered.set()
+            super().write(envelopes)
+
+        def close(self) -> None:
+            self.closed = True
+
+    stuck = Stuck()
+    dispatcher = SinkDispatcher([stuck], max_queue=2)
+    dispatcher.submit(new_envelope("/a.B/C"))
+    assert stuck.entered.wait(5)  # the writer is stuck on the first
+    for _ in range(4):  # two queued, two dropped
+        dispatcher.submit(new_envelope("/a.B/C"))
+    closing = threading.Thread(target=dispatcher.close, kwargs={"timeout": 0.2})
+    closing.start()
+    closing.join(3)
+    assert not closing.is_alive()
+    assert not stuck.closed  # not closed under its writer
+    dispatcher.submit(new_envelope("/a.B/C"))
+    stats = envelope_grpc.SinkStats(submitted=6, written=0, dropped=3, failed=0, queued=2)
+    assert dispatcher.stats() == stats
+    stuck.release.set()
+
+
 def test_failing_sink_is_counted_not_raised() -> None:
     dispatcher = SinkDispatcher([Failing()])
     dispatcher.submit(new_envelope("/a.B/C"))
