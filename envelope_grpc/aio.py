@@ -15,7 +15,7 @@ import grpc.aio
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from envelope_grpc._client import with_envelope
-from envelope_grpc._core import CURRENT, AbortStatus, Call, Core, EnvelopeConfig
+from envelope_grpc._core import CURRENT, AbortStatus, Call, Core, EnvelopeConfig, call_trailers
 from envelope_grpc._extract import MethodPlan
 from envelope_grpc._server import InterceptorBase, _Handler, behavior, rebuilt
 
@@ -42,17 +42,37 @@ async def _counted(call: Call, first: Any, rest: AsyncIterator[Any]) -> AsyncIte
 _UNREAD: Any = object()
 
 
-class _StreamingContext:
-    """The servicer context as a streaming handler sees it, for the other
-    grpc.aio style, ``context.read()`` and ``context.write()``: the request
-    message admission peeked at is read first, and every message read or
-    written is counted. Everything else is the context itself."""
+class _View:
+    """The servicer context as a handler sees it: trailing metadata the
+    handler sets keeps the envelope's trailers (grpc.aio sends them as they
+    stand when a handler aborts). Everything else is the context itself."""
 
-    __slots__ = ("_call", "_context", "_first")
+    __slots__ = ("_call", "_context")
 
-    def __init__(self, context: Any, call: Call, first: Any) -> None:
+    def __init__(self, context: Any, call: Call) -> None:
         self._context = context
         self._call = call
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._context.set_trailing_metadata(self._kept(trailing_metadata))
+
+    def _kept(self, trailing_metadata: Any) -> Any:
+        """``trailing_metadata`` with the envelope's trailers, when there is any."""
+        return (*trailing_metadata, *call_trailers(self._call)) if trailing_metadata else trailing_metadata
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class _AsyncView(_View):
+    """The view of an async handler. For the other grpc.aio style,
+    ``context.read()`` and ``context.write()``, the request message admission
+    peeked at is read first, and every message read or written is counted."""
+
+    __slots__ = ("_first",)
+
+    def __init__(self, context: Any, call: Call, first: Any) -> None:
+        super().__init__(context, call)
         self._first = first  # the peeked first request, EOF, or _UNREAD
 
     async def read(self) -> Any:
@@ -70,35 +90,32 @@ class _StreamingContext:
         await self._context.write(message)
         self._call.count_response(message)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
+        await self._context.abort(code, details, self._kept(trailing_metadata))
+        raise RuntimeError("grpc.aio's abort returned")  # pragma: no cover - it always raises
 
 
-grpc.aio.ServicerContext.register(_StreamingContext)  # handlers may check what they were given
+grpc.aio.ServicerContext.register(_AsyncView)  # handlers may check what they were given
 
 
-class _PlainContext:
-    """The servicer context as a plain (not async) handler sees it on a
-    grpc.aio server, from a worker thread: ``abort`` ends the call as it does
-    on a grpc server, by running the aio context's abort on the event loop
-    and raising. Everything else is the context itself."""
+class _PlainView(_View):
+    """The view of a plain (not async) handler on a grpc.aio server, which
+    runs on a worker thread: ``abort`` ends the call as it does on a grpc
+    server, by running the aio context's abort on the event loop and raising."""
 
-    __slots__ = ("_context", "_loop")
+    __slots__ = ("_loop",)
 
-    def __init__(self, context: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self._context = context
+    def __init__(self, context: Any, call: Call, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(context, call)
         self._loop = loop
 
     def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
-        aborting = self._context.abort(code, details, trailing_metadata)
+        aborting = self._context.abort(code, details, self._kept(trailing_metadata))
         asyncio.run_coroutine_threadsafe(aborting, self._loop).result()  # raises the abort
         raise RuntimeError("grpc.aio's abort returned")  # pragma: no cover - it always raises
 
     def abort_with_status(self, status: grpc.Status) -> NoReturn:
         self.abort(status.code, status.details, status.trailing_metadata)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
 
 
 _END: Any = object()
@@ -140,7 +157,6 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
     # grpc.aio also serves plain functions and generators: they run on worker
     # threads (the loop's default executor), with a blocking view of the call.
     plain = not (yields or awaits)
-    writes = handler.response_streaming and awaits  # responses come through context.write()
 
     async def admit(context: Any, request: Any) -> tuple[Call, AbortStatus | None]:
         if not core.blocking:
@@ -170,19 +186,19 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
             first = await anext(iterator, None)
             call, status = await admit(context, first)
             argument: Any = _counted(call, first, iterator)
-            seen: Any = _StreamingContext(context, call, grpc.aio.EOF if first is None else first)
+            peeked = grpc.aio.EOF if first is None else first
         else:
             call, status = await admit(context, request_or_iterator)
             argument = request_or_iterator
-            seen = _StreamingContext(context, call, _UNREAD) if writes else context
+            peeked = _UNREAD
         if status is not None:
             await _abort(context, status)
-        if plain:
-            loop = asyncio.get_running_loop()
-            seen = _PlainContext(context, loop)
-            if request_streaming:
-                argument = _blocking(argument, loop)
-        return call, argument, seen
+        if not plain:
+            return call, argument, _AsyncView(context, call, peeked)
+        loop = asyncio.get_running_loop()
+        if request_streaming:
+            argument = _blocking(argument, loop)
+        return call, argument, _PlainView(context, call, loop)
 
     async def unary_response(request_or_iterator: Any, context: Any) -> Any:
         call, argument, seen = await begin(request_or_iterator, context)

@@ -98,6 +98,9 @@ class SyncServicer(pb_grpc.ExecutionTestServiceServicer):
     def Run(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.RunResponse:
         if request.behavior == "blind":  # never reads the envelope
             return pb.RunResponse(payload=request.payload)
+        if request.behavior == "abort_own":  # with trailing metadata of its own
+            context.set_trailing_metadata((("x-handler", "own"),))
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
         if request.behavior == "abort":
             context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
         if request.behavior in ("sleep", "busy"):
@@ -154,6 +157,9 @@ class AsyncServicer(pb_grpc.ExecutionTestServiceServicer):
     async def Run(self, request: pb.RunRequest, context: grpc.aio.ServicerContext) -> pb.RunResponse:  # type: ignore[override]
         if request.behavior == "blind":  # never reads the envelope
             return pb.RunResponse(payload=request.payload)
+        if request.behavior == "abort_own":  # with trailing metadata of its own
+            context.set_trailing_metadata((("x-handler", "own"),))
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
         if request.behavior == "abort":
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
         if request.behavior == "sleep":

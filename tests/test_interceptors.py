@@ -286,6 +286,7 @@ def test_backend_failure_aborts_with_error_info_and_ends_failed_with_its_reason(
     [
         ("fail", grpc.StatusCode.UNKNOWN),
         ("abort", grpc.StatusCode.NOT_FOUND),
+        ("abort_own", grpc.StatusCode.NOT_FOUND),
         ("set_code", grpc.StatusCode.ALREADY_EXISTS),
     ],
 )
@@ -300,7 +301,8 @@ def test_handler_failure_is_recorded(backend: Start, behavior: str, code: grpc.S
     assert validate(env) == []
     metadata = dict(caught.value.trailing_metadata())  # type: ignore[attr-defined]
     assert metadata["x-execution-envelope-id"] == env.envelope_id
-    if behavior == "set_code":
+    assert metadata["x-execution-envelope-decision"] == "admitted"
+    if behavior in ("set_code", "abort_own"):
         assert metadata["x-handler"] == "own"
 
 
