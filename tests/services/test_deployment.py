@@ -219,6 +219,11 @@ def test_engine_prefers_the_first_node_with_room_for_every_replica() -> None:
         (Ask("m", Quantities(accelerator_count=1), force_cpu=True), Refusal.INVALID, "INVALID_ACCELERATORS"),
         (Ask("m", Quantities(accelerator_count=-2)), Refusal.INVALID, "INVALID_ACCELERATORS"),
         (Ask("m", Quantities(concurrency=0)), Refusal.INVALID, "INVALID_REQUEST"),
+        (
+            Ask("m", Quantities(memory_bytes=0, replicas_max=10**15), force_cpu=True),
+            Refusal.INVALID,
+            "INVALID_REQUEST",
+        ),
         (Ask("m", Quantities(duration_ms=0)), Refusal.INVALID, "INVALID_REQUEST"),
         (Ask("m", port=70000), Refusal.INVALID, "INVALID_REQUEST"),
         (Ask(""), Refusal.INVALID, "INVALID_REQUEST"),
