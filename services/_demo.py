@@ -203,7 +203,12 @@ class Traffic:
 
         self._call("alice", stub.Upload, upload())
         self._call("bob", stub.Upload, upload())  # restricted data: Cedar forbids bob
-        download = dm.DownloadRequest(store="lake-eu", path="runs/demo/weights.bin", region="eu-west-1")
+        download = dm.DownloadRequest(
+            store="lake-eu",
+            path="runs/demo/weights.bin",
+            region="eu-west-1",
+            data_classification=DataClassification.DATA_CLASSIFICATION_RESTRICTED,
+        )
         self._call("alice", stub.Download, download)
 
     def agent(self) -> None:

@@ -21,9 +21,11 @@ Envelope steps, in order:
   (OBJECT_SIZE) when it declared none.
 * The binding: node = the store, endpoint = its directory, region = its
   region, attributes = the object path (and the source of a copy).
-* A download's classification is recorded as the caller declares it: objects
-  carry no classification of their own to check it against (only a store's
-  ceiling, checked when writing).
+* Every object keeps the classification it was written with (one this
+  process did not write counts as its store's ceiling). Reading or copying
+  it needs a declared classification at least as high, so that admission
+  decided on what the data really is (CLASSIFICATION_UNDECLARED,
+  PERMISSION_DENIED); a copy is then held to the destination's ceiling.
 * Usage: ``bytes_moved`` is the payload that travelled (received, sent, or
   copied); the library adds messages, bytes on the wire and duration.
 """
@@ -168,6 +170,23 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                 _PRECONDITION,
             )
 
+    def _declared(
+        self,
+        context: grpc.ServicerContext,
+        store: Store,
+        path: str,
+        classification: DataClassification.ValueType,
+    ) -> None:
+        held = self.stores.classification(store, path)
+        if classification < held:
+            refuse(
+                context,
+                "CLASSIFICATION_UNDECLARED",
+                f"{path!r} in {store.name!r} is {DataClassification.Name(held)}: "
+                f"declare its classification to read it",
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
+
     def _writable(self, context: grpc.ServicerContext, store: Store, file: pathlib.Path) -> None:
         reason = _stores.conflict(store, file)
         if reason:
@@ -274,6 +293,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                 )
             grant_and_bind(received, _binding(store, relative, source=header.source[:512]))
             kept = _publish(context, staged, file, relative)
+            self.stores.classify(store, relative, header.data_classification)
         finally:
             if not kept:
                 _discard(staged)
@@ -296,6 +316,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
         self._scope(context, store, request.data_classification, request.region, writing=False)
         relative, source, size = self._open(context, store, request.path)
         with source:
+            self._declared(context, store, relative, request.data_classification)
             self._stored_size(context, request, size)
             digest = hashlib.sha256()
             for block in iter(lambda: source.read(MAX_CHUNK), b""):
@@ -319,6 +340,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
         self._writable(context, destination, file)
         relative, source, size = self._open(context, origin, request.source_path)
         with source:
+            self._declared(context, origin, relative, request.data_classification)
             self._stored_size(context, request, size)
             grant_and_bind(
                 size,
@@ -341,6 +363,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                         out.write(block)
                         copied += len(block)
                 kept = _publish(context, staged, file, target)
+                self.stores.classify(destination, target, request.data_classification)
             finally:
                 if not kept:
                     _discard(staged)

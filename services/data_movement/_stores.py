@@ -13,6 +13,7 @@ import pathlib
 import re
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Mapping
 from typing import Final
@@ -77,6 +78,9 @@ class Stores:
         self.staging = self.root / ".staging"
         self.staging.mkdir(parents=True, exist_ok=True)
         self._stores: dict[str, Store] = {}
+        # The classification each object was written with, by (store, path).
+        self._classifications: dict[tuple[str, str], DataClassification.ValueType] = {}
+        self._lock = threading.Lock()
         for name, spec in (specs if specs is not None else DEFAULT_STORES).items():
             if not _STORE_NAME.match(name):
                 raise ValueError(f"not a store name: {name!r}")
@@ -91,6 +95,18 @@ class Stores:
     def names(self) -> list[str]:
         """Every store's name."""
         return list(self._stores)
+
+    def classification(self, store: Store, path: str) -> DataClassification.ValueType:
+        """The classification the object at ``path`` (normalized) was written
+        with; for one this process did not write, the most it may be: the
+        store's ceiling."""
+        with self._lock:
+            return self._classifications.get((store.name, path), store.max_classification)
+
+    def classify(self, store: Store, path: str, classification: DataClassification.ValueType) -> None:
+        """Record the classification the object at ``path`` was written with."""
+        with self._lock:
+            self._classifications[(store.name, path)] = classification
 
     def resolve(self, store: Store, path: str) -> tuple[str, pathlib.Path]:
         """The normalized relative path and the file of ``path`` in ``store``.

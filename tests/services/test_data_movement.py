@@ -31,12 +31,13 @@ from envelope_grpc.v1.envelope_pb2 import (
 from services.data_movement import Stores
 from services.data_movement.v1 import data_movement_pb2 as pb
 from services.data_movement.v1 import data_movement_pb2_grpc as pb_grpc
-from tests.conftest import COMPLETED_PATH, error_info, only_grant, transitions
+from tests.conftest import COMPLETED_PATH, error_info, only_grant, refused, transitions
 from tests.services import conftest
 from tests.services._python_m import python_m, stop_with_sigterm
 
 S = LifecycleState
 BACKEND = GrantStage.GRANT_STAGE_BACKEND
+INTERNAL = DataClassification.DATA_CLASSIFICATION_INTERNAL
 CONFIDENTIAL = DataClassification.DATA_CLASSIFICATION_CONFIDENTIAL
 RESTRICTED = DataClassification.DATA_CLASSIFICATION_RESTRICTED
 DATA = np.random.default_rng(7).bytes(200_000)
@@ -373,8 +374,11 @@ def test_download_streams_the_object_back_exactly(served: Served) -> None:
 
 
 def test_download_without_declared_size_widens_the_grant(served: Served) -> None:
-    put(served, "scratch", "notes.txt", b"hello world")
-    responses = list(served.stub.Download(pb.DownloadRequest(store="scratch", path="notes.txt"), timeout=30))
+    put(
+        served, "scratch", "notes.txt", b"hello world"
+    )  # written by no upload: as classified as scratch allows
+    request = pb.DownloadRequest(store="scratch", path="notes.txt", data_classification=INTERNAL)
+    responses = list(served.stub.Download(request, timeout=30))
     assert [r.WhichOneof("kind") for r in responses] == ["header", "chunk"]
     assert responses[1].chunk == b"hello world"
     env = served.envelope()
@@ -407,8 +411,9 @@ def test_download_refusals(
     served: Served, request_fields: dict[str, Any], code: grpc.StatusCode, reason: str
 ) -> None:
     put(served, "lake-eu", "dir/a.bin", b"abcd")
+    request = pb.DownloadRequest(store="lake-eu", data_classification=RESTRICTED, **request_fields)
     with pytest.raises(grpc.RpcError) as caught:
-        list(served.stub.Download(pb.DownloadRequest(store="lake-eu", **request_fields), timeout=30))
+        list(served.stub.Download(request, timeout=30))
     assert_rejected(served, caught.value, code, reason)
 
 
@@ -416,7 +421,7 @@ def test_download_refusals(
 
 
 def test_copy_between_stores_records_bytes_moved_and_binding(served: Served) -> None:
-    put(served, "lake-eu", "features/part-0.parquet", DATA)
+    served.upload(header(path="features/part-0.parquet"), [DATA])  # confidential
     reply = served.stub.Copy(
         pb.CopyRequest(
             source_store="lake-eu",
@@ -435,7 +440,7 @@ def test_copy_between_stores_records_bytes_moved_and_binding(served: Served) -> 
     assert served.object("lake-eu", "features/part-0.parquet").read_bytes() == DATA
     assert served.staging() == []
 
-    env = served.envelope()
+    env = served.envelopes(2)[1]
     assert env.execution.method == "/services.data_movement.v1.DataMovementService/Copy"
     target = env.execution.target
     assert (target.type, target.name) == ("store", "lake-us")
@@ -481,19 +486,50 @@ def test_copy_between_stores_records_bytes_moved_and_binding(served: Served) -> 
 def test_copy_refusals(
     served: Served, request_fields: dict[str, Any], code: grpc.StatusCode, reason: str
 ) -> None:
-    put(served, "lake-eu", "a.bin", b"abcd")
+    put(served, "scratch", "a.bin", b"abcd")
     put(served, "lake-us", "a.bin", b"old")
     fields = {
-        "source_store": "lake-eu",
+        "source_store": "scratch",
         "source_path": "a.bin",
         "destination_store": "lake-us",
         "destination_path": "copy.bin",
+        "data_classification": INTERNAL,
     } | request_fields
     with pytest.raises(grpc.RpcError) as caught:
         served.stub.Copy(pb.CopyRequest(**fields), timeout=30)
     assert_rejected(served, caught.value, code, reason)
     assert not served.object("lake-us", "copy.bin").exists()
     assert served.object("lake-us", "a.bin").read_bytes() == b"old"
+
+
+def test_an_object_is_read_and_copied_only_as_classified_as_it_was_written(served: Served) -> None:
+    served.upload(header(data_classification=RESTRICTED), [DATA])
+    path = {"store": "lake-eu", "path": "runs/2026/model.bin"}
+    copy = {"source_store": "lake-eu", "source_path": path["path"], "destination_store": "scratch"}
+    refusals = [
+        refused(lambda: list(served.stub.Download(pb.DownloadRequest(**path), timeout=30))),
+        refused(lambda: served.stub.Copy(pb.CopyRequest(**copy, destination_path="c.bin"), timeout=30)),
+        refused(
+            lambda: served.stub.Copy(
+                pb.CopyRequest(**copy, destination_path="c.bin", data_classification=RESTRICTED), timeout=30
+            )
+        ),
+    ]
+    assert [(e.code(), error_info(e).reason) for e in refusals] == [
+        (grpc.StatusCode.PERMISSION_DENIED, "CLASSIFICATION_UNDECLARED"),
+        (grpc.StatusCode.PERMISSION_DENIED, "CLASSIFICATION_UNDECLARED"),
+        (grpc.StatusCode.PERMISSION_DENIED, "CLASSIFICATION_NOT_ALLOWED"),
+    ]
+    assert refusals[0].details() == (
+        "'runs/2026/model.bin' in 'lake-eu' is DATA_CLASSIFICATION_RESTRICTED: "
+        "declare its classification to read it"
+    )
+    declared = pb.DownloadRequest(**path, data_classification=RESTRICTED)
+    responses = list(served.stub.Download(declared, timeout=30))
+    assert b"".join(r.chunk for r in responses[1:]) == DATA
+    envelopes = served.envelopes(5)
+    assert [env.scope.data_classification for env in envelopes] == [RESTRICTED, 0, 0, RESTRICTED, RESTRICTED]
+    assert not served.object("scratch", "c.bin").exists()
 
 
 # -- the service's own set-up ------------------------------------------------------------------
