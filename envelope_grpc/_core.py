@@ -598,8 +598,9 @@ class Core:
             call.end(*_status(context, error))
             # A handler that set its own trailing metadata replaced ours: add them back.
             pairs = context.trailing_metadata() or ()
-            if not any(key == k.ENVELOPE_ID_METADATA for key, _ in pairs):
-                context.set_trailing_metadata((*pairs, *call_trailers(call)))
+            kept = with_trailers(call, pairs)
+            if kept is not pairs:
+                context.set_trailing_metadata(kept)
         self._emit(call)
 
     def _emit(self, call: Call) -> None:
@@ -700,6 +701,14 @@ def call_trailers(call: Call) -> tuple[tuple[str, str], ...]:
     """The trailers of an admitted call."""
     outcome = call.admission.outcome if call.admission is not None else OUTCOME_UNSPECIFIED
     return trailers(call.env.envelope_id, outcome)
+
+
+def with_trailers(call: Call, pairs: _Pairs) -> _Pairs:
+    """Trailing metadata ``pairs`` with the call's trailers: ``pairs`` itself
+    when they are there already (a status from the handler API carries them)."""
+    if any(key == k.ENVELOPE_ID_METADATA for key, _ in pairs):
+        return pairs
+    return (*pairs, *call_trailers(call))
 
 
 def abort_status(

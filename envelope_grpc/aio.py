@@ -15,7 +15,7 @@ import grpc.aio
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from envelope_grpc._client import with_envelope
-from envelope_grpc._core import CURRENT, AbortStatus, Call, Core, EnvelopeConfig, call_trailers
+from envelope_grpc._core import CURRENT, AbortStatus, Call, Core, EnvelopeConfig, with_trailers
 from envelope_grpc._extract import MethodPlan
 from envelope_grpc._server import InterceptorBase, _Handler, behavior, rebuilt
 
@@ -58,7 +58,7 @@ class _View:
 
     def _kept(self, trailing_metadata: Any) -> Any:
         """``trailing_metadata`` with the envelope's trailers, when there is any."""
-        return (*trailing_metadata, *call_trailers(self._call)) if trailing_metadata else trailing_metadata
+        return with_trailers(self._call, trailing_metadata) if trailing_metadata else trailing_metadata
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)

@@ -262,6 +262,8 @@ def test_backend_rejection_aborts_with_error_info(backend: Start) -> None:
     assert states(env) == ["RECEIVED", "NORMALIZED", "ADMITTED", "REJECTED"]
     assert env.outcome.reason_code == "INSUFFICIENT_CAPACITY"
     assert validate(env) == []
+    keys = [key for key, _ in caught.value.trailing_metadata()]  # type: ignore[attr-defined]
+    assert keys.count("x-execution-envelope-id") == keys.count("x-execution-envelope-decision") == 1
 
 
 def test_backend_failure_aborts_with_error_info_and_ends_failed_with_its_reason(backend: Start) -> None:
