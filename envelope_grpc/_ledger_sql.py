@@ -149,8 +149,8 @@ def redact(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.password is not None:
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
-    if parts.query:
-        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(key.lower() == "password" for key, _ in pairs):
         hidden = [(key, "***" if key.lower() == "password" else value) for key, value in pairs]
         parts = parts._replace(query=urllib.parse.urlencode(hidden, safe="*"))
     return urllib.parse.urlunsplit(parts)
