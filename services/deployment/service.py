@@ -7,8 +7,8 @@ binding to node, accelerators and endpoint, and the replicas started. A
 placement the engine refuses is rejected with its reason code and a fitting
 status. Get, List and Stop read and change the deployments kept in memory;
 an authenticated caller sees and stops only its own tenant's deployments
-(another tenant's are not found), an anonymous one (a backend run without
-identity) all of them.
+(its own, when it has no tenant), an anonymous caller only those made
+anonymously: any other is not found.
 """
 
 from __future__ import annotations
@@ -101,6 +101,8 @@ def requested_resources(request: pb.DeployModelRequest) -> Resources:
 class _Record:
     deployment: pb.Deployment
     expires_at: float | None
+    #: Who may see and stop it (see _owner).
+    owner: tuple[str, str] | None
 
 
 class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
@@ -180,7 +182,8 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
             placement = self.engine.place(deployment_id, ask, bounds)
             lifetime = placement.granted.duration_ms
             expires = self._clock() + lifetime / 1000 if lifetime is not None else None
-            self._deployments[deployment_id] = _Record(self._deployment(request, placement, env), expires)
+            deployment = self._deployment(request, placement, env)
+            self._deployments[deployment_id] = _Record(deployment, expires, _owner())
             if expires is not None:
                 heapq.heappush(self._expiries, (expires, deployment_id))
             return placement
@@ -277,13 +280,13 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
         if token and not (token.isascii() and token.isdigit()):
             refuse(context, "INVALID_PAGE_TOKEN", "page_token is not valid", grpc.StatusCode.INVALID_ARGUMENT)
         offset = int(token or 0)
-        confined = _confined_to()
+        owner = _owner()
         with self._lock:
             self._reap()
             matching = [
                 record.deployment
                 for record in self._deployments.values()
-                if (confined is None or record.deployment.tenant == confined)
+                if record.owner == owner
                 and (not request.tenant or record.deployment.tenant == request.tenant)
                 and (not request.region or record.deployment.region == request.region)
                 and (not request.state or record.deployment.state == request.state)
@@ -309,8 +312,7 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
                 context, "INVALID_REQUEST", "a deployment id is required", grpc.StatusCode.INVALID_ARGUMENT
             )
         found = self._deployments.get(deployment_id)
-        confined = _confined_to()
-        if found is None or (confined is not None and found.deployment.tenant != confined):
+        if found is None or found.owner != _owner():
             refuse(
                 context,
                 "DEPLOYMENT_NOT_FOUND",
@@ -340,10 +342,12 @@ class DeploymentServicer(pb_grpc.DeploymentServiceServicer):
             self._deployments.pop(ended.popleft(), None)
 
 
-def _confined_to() -> str | None:
-    """The tenant whose deployments the caller may see and stop: its own when
-    it is authenticated, None (all) when it is anonymous."""
+def _owner() -> tuple[str, str] | None:
+    """Whose deployments the caller sees and stops: an authenticated caller's
+    tenant (its subject when it has none); None, anonymous callers' own, for
+    an anonymous one."""
     env = envelope_grpc.current_envelope()
     if env is None or env.principal.auth_method == AuthMethod.AUTH_METHOD_NONE:
         return None
-    return env.principal.tenant
+    principal = env.principal
+    return ("tenant", principal.tenant) if principal.tenant else ("subject", principal.subject)

@@ -973,11 +973,14 @@ def test_get_list_and_stop(server: Server) -> None:
 
 
 def _tenant_header(call: CallInfo) -> Principal | None:
-    """Callers named by an "x-test-tenant" header, as an identity source would."""
-    tenant = call.metadata.get("x-test-tenant")
-    if not isinstance(tenant, str):
-        return None
-    return Principal(subject=f"user:{tenant}", tenant=tenant, auth_method=AuthMethod.AUTH_METHOD_JWT)
+    """Callers named by an "x-test-tenant" header (a user of that tenant) or
+    an "x-test-service" one (a service of no tenant), as an identity source would."""
+    tenant, service = call.metadata.get("x-test-tenant"), call.metadata.get("x-test-service")
+    if isinstance(tenant, str):
+        return Principal(subject=f"user:{tenant}", tenant=tenant, auth_method=AuthMethod.AUTH_METHOD_JWT)
+    if isinstance(service, str):
+        return Principal(subject=f"service:{service}", auth_method=AuthMethod.AUTH_METHOD_MTLS)
+    return None
 
 
 def test_an_authenticated_caller_sees_and_stops_only_its_tenants_deployments(
@@ -1007,8 +1010,22 @@ def test_an_authenticated_caller_sees_and_stops_only_its_tenants_deployments(
         (grpc.StatusCode.NOT_FOUND, "DEPLOYMENT_NOT_FOUND"),
     ] * 2
     assert stub.GetDeployment(get, metadata=acme, timeout=10).deployment == mine  # still running
-    anonymous = stub.ListDeployments(pb.ListDeploymentsRequest(), timeout=10)
-    assert list(anonymous.deployments) == [mine, theirs]
+
+    # Dropping the credential does not help: anonymous callers see only anonymous deployments.
+    assert list(stub.ListDeployments(pb.ListDeploymentsRequest(), timeout=10).deployments) == []
+    assert refused(lambda: stub.StopDeployment(stop, timeout=10)).code() is grpc.StatusCode.NOT_FOUND
+    # Principals of no tenant see only their own.
+    builder, other = (("x-test-service", "builder"),), (("x-test-service", "other"),)
+    built = stub.DeployModel(
+        deploy_request(tenant=None, lb_port=9090, max_replicas=1), metadata=builder, timeout=10
+    ).deployment
+    assert list(
+        stub.ListDeployments(pb.ListDeploymentsRequest(), metadata=builder, timeout=10).deployments
+    ) == [built]
+    assert (
+        list(stub.ListDeployments(pb.ListDeploymentsRequest(), metadata=other, timeout=10).deployments) == []
+    )
+    assert stub.GetDeployment(get, metadata=acme, timeout=10).deployment.state == mine.state
 
 
 def test_unknown_deployment_is_not_found(server: Server) -> None:
