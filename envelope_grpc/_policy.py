@@ -106,8 +106,8 @@ class PolicySpec:
     (fail closed unless configured), True lets the call through and marks it.
     ``budget`` (seconds) bounds the policy's time, waiting for one of the
     shared policy workers included: it then runs on a worker thread, a late
-    verdict counts as a failure, and a releasing policy that returns late is
-    released once it does. ``blocking`` says the
+    verdict counts as a failure, and a releasing policy that returns late
+    from a call it refused is released once it does. ``blocking`` says the
     policy does I/O; with it, or a budget, grpc.aio servers admit calls off
     the event loop (and release them off it, for a releasing policy). A
     policy whose own ``blocking`` attribute is true is blocking whatever the
@@ -189,16 +189,18 @@ def _checked(verdict: object) -> Verdict:
 _WORKERS = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="envelope-grpc-policy")
 
 
-def _consult(spec: PolicySpec, env: ExecutionEnvelope) -> Verdict:
+def _consult(spec: PolicySpec, env: ExecutionEnvelope, fail_open: bool) -> Verdict:
     if spec.budget is None:
         return spec.policy(env)
     future = _WORKERS.submit(spec.policy, env)
     try:
         return future.result(timeout=spec.budget)
     except concurrent.futures.TimeoutError:
-        if not future.cancel() and spec.release is not None:
-            # It runs on, after the call was refused and released: whatever
-            # it takes is given back when it returns.
+        refuses = not spec.dry_run and not (fail_open if spec.fail_open is None else spec.fail_open)
+        if not future.cancel() and refuses and spec.release is not None:
+            # It runs on after the call is refused and released: whatever it
+            # takes is given back when it returns. (A call that goes on is
+            # released when it ends.)
             release = spec.release
             future.add_done_callback(lambda _: _release_late(release, env))
         raise TimeoutError(f"no verdict within its budget of {spec.budget * 1000:g} ms") from None
@@ -310,7 +312,7 @@ def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: 
         error = ""
         failed_open = False
         try:
-            verdict: Verdict = _checked(_consult(spec, env))
+            verdict: Verdict = _checked(_consult(spec, env, fail_open))
         except Exception as failure:  # a policy's failure must not escape admission
             error = error_text(failure)
             if fail_open if spec.fail_open is None else spec.fail_open:

@@ -967,6 +967,21 @@ def test_a_releasing_policy_that_answers_after_its_budget_is_released_when_it_do
     assert held.holding == set()
 
 
+def test_a_late_releasing_policy_that_fails_open_is_released_when_its_call_ends(backend: Start) -> None:
+    held = Held()
+    server = backend(EnvelopeConfig(policies=[PolicySpec(held, budget=0.05, fail_open=True)]))
+    call = server.stub.Run.future(pb.RunRequest(model="m", behavior="sleep"))  # runs for 0.5 s
+    time.sleep(0.15)  # past the budget: the call went on
+    held.proceed.set()
+    wait_until(lambda: len(held.holding) == 1)
+    time.sleep(0.1)
+    assert held.given_back == []  # not while the call runs
+    call.result(timeout=5)
+    (env,) = server.envelopes(1)
+    assert env.decision.fail_open
+    wait_until(lambda: held.given_back == [env.envelope_id])
+
+
 def test_releasing_policy_gives_back_when_the_call_ends(backend: Start) -> None:
     counting = Counting()
     limits = LimitsPolicy([Limit(TOKENS, 100, deny=True)])
