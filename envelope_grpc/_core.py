@@ -684,12 +684,15 @@ def _status(context: Any, error: BaseException | None) -> tuple[grpc.StatusCode,
 
 
 def _cancelled(context: Any) -> bool:
+    """Whether the client cancelled the call or its deadline passed (which
+    neither grpc's is_active nor grpc.aio's cancelled may say yet)."""
     is_active = getattr(context, "is_active", None)  # grpc
-    if is_active is not None:
-        return not is_active()
-    # grpc.aio: cancelled() stays False when only the deadline has passed.
-    cancelled = getattr(context, "cancelled", None)
-    return (cancelled is not None and bool(cancelled())) or context.time_remaining() == 0
+    if is_active is not None and not is_active():
+        return True
+    cancelled = getattr(context, "cancelled", None)  # grpc.aio
+    if cancelled is not None and cancelled():
+        return True
+    return bool(context.time_remaining() == 0)
 
 
 def trailers(envelope_id: str, outcome: int) -> tuple[tuple[str, str], ...]:

@@ -6,6 +6,9 @@ Same core as the ``grpc`` ones; only awaiting differs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn
@@ -15,7 +18,7 @@ import grpc.aio
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from envelope_grpc._client import with_envelope
-from envelope_grpc._core import CURRENT, AbortStatus, Call, Core, EnvelopeConfig, with_trailers
+from envelope_grpc._core import CURRENT, AbortStatus, Call, Core, EnvelopeConfig, _cancelled, with_trailers
 from envelope_grpc._extract import MethodPlan
 from envelope_grpc._server import InterceptorBase, _Handler, behavior, rebuilt
 
@@ -125,10 +128,19 @@ async def _next(messages: AsyncIterator[Any]) -> Any:
     return await anext(messages, _END)
 
 
-def _blocking(messages: AsyncIterator[Any], loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
-    """An async request stream as a plain handler reads it, from a worker thread."""
+def _blocking(messages: AsyncIterator[Any], loop: asyncio.AbstractEventLoop, context: Any) -> Iterator[Any]:
+    """An async request stream as a plain handler reads it, from a worker
+    thread: a stream cut short by a cancel or the deadline raises RpcError,
+    as a grpc server's request iterator does."""
     while (message := asyncio.run_coroutine_threadsafe(_next(messages), loop).result()) is not _END:
         yield message
+    if _cancelled(context):
+        raise grpc.RpcError("the call ended before its request stream")
+
+
+def _advance(state: contextvars.Context, responses: Iterator[Any]) -> Any:
+    """The next response of a plain generator (or _END), in its context."""
+    return state.run(next, responses, _END)
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: AbortStatus) -> None:
@@ -197,7 +209,7 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
             return call, argument, _AsyncView(context, call, peeked)
         loop = asyncio.get_running_loop()
         if request_streaming:
-            argument = _blocking(argument, loop)
+            argument = _blocking(argument, loop, context)
         return call, argument, _PlainView(context, call, loop)
 
     async def unary_response(request_or_iterator: Any, context: Any) -> Any:
@@ -225,14 +237,18 @@ def _wrap(core: Core, plan: MethodPlan, handler: _Handler) -> _Handler:
                     yield response
             elif awaits:  # a handler that writes with context.write()
                 await serve(argument, seen)
-            else:  # a plain generator, advanced on worker threads
+            else:  # a plain generator, advanced on worker threads in one context
                 responses = serve(argument, seen)
+                loop, state = asyncio.get_running_loop(), contextvars.copy_context()
+                advance = functools.partial(_advance, state, responses)
                 try:
-                    while (response := await asyncio.to_thread(next, responses, _END)) is not _END:
+                    while (response := await loop.run_in_executor(None, advance)) is not _END:
                         call.count_response(response)
                         yield response
                 finally:
-                    responses.close()
+                    # One still running on its thread (the call was cancelled) is closed when collected.
+                    with contextlib.suppress(ValueError):
+                        responses.close()
         except BaseException as error:
             await end(call, context, error)
             raise

@@ -228,8 +228,10 @@ class Backend:
         *,
         server_credentials: grpc.ServerCredentials | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        servicer: pb_grpc.ExecutionTestServiceServicer | None = None,
     ) -> None:
         self.flavor = flavor
+        self.servicer = servicer
         self.server_credentials = server_credentials
         self.collector = Collector()
         self.config = dataclasses.replace(config, sinks=(*config.sinks, self.collector))
@@ -260,7 +262,8 @@ class Backend:
         interceptors = self._interceptors(envelope_grpc)
         self.interceptor = interceptors[-1]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=interceptors)
-        pb_grpc.add_ExecutionTestServiceServicer_to_server(SyncServicer(self.downstream), server)
+        servicer = self.servicer or SyncServicer(self.downstream)
+        pb_grpc.add_ExecutionTestServiceServicer_to_server(servicer, server)
         port = self._bind(server)
         server.start()
         self._stop = lambda: server.stop(None).wait()
@@ -282,7 +285,7 @@ class Backend:
             else:
                 server = grpc.aio.server(interceptors=interceptors)
                 servicer = AsyncServicer(self.downstream)
-            pb_grpc.add_ExecutionTestServiceServicer_to_server(servicer, server)
+            pb_grpc.add_ExecutionTestServiceServicer_to_server(self.servicer or servicer, server)
             port = self._bind(server)
             await server.start()
             started.set_result(port)
@@ -329,7 +332,8 @@ def flavor(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def backend(flavor: str, spans: InMemorySpanExporter) -> Iterator[Callable[..., Backend]]:
-    """Start a server of the test's flavour: backend(config=..., traced=True)."""
+    """Start a server of the test's flavour: backend(config=..., traced=True);
+    ``servicer`` replaces the flavour's own."""
     started: list[Backend] = []
 
     def start(
@@ -339,6 +343,7 @@ def backend(flavor: str, spans: InMemorySpanExporter) -> Iterator[Callable[..., 
         downstream: Callable[[], str] | None = None,
         server_credentials: grpc.ServerCredentials | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        servicer: pb_grpc.ExecutionTestServiceServicer | None = None,
     ) -> Backend:
         server = Backend(
             flavor,
@@ -347,6 +352,7 @@ def backend(flavor: str, spans: InMemorySpanExporter) -> Iterator[Callable[..., 
             downstream,
             server_credentials=server_credentials,
             channel_credentials=channel_credentials,
+            servicer=servicer,
         )
         started.append(server)
         return server

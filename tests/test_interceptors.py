@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import threading
 import time
@@ -789,6 +790,61 @@ def test_plain_handlers_on_a_grpc_aio_server(backend: Start, spans: InMemorySpan
     assert validate(run) == validate(watch) == []
     span = server_span(spans, f"{SERVICE}/Run")
     assert (span.attributes or {})["execution_envelope.binding.node"] == "node-a"
+
+
+_STATE: contextvars.ContextVar[str] = contextvars.ContextVar("handler_state", default="")
+
+
+class PlainStreams(pb_grpc.ExecutionTestServiceServicer):
+    """Plain handlers that record what they see."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def Watch(self, request: pb.WatchRequest, context: Any) -> Iterator[pb.WatchResponse]:
+        _STATE.set("set before the first response")
+        with trace.get_tracer("test").start_as_current_span("inner") as inner:
+            for index in range(3):
+                self.seen.append((_STATE.get(), trace.get_current_span() is inner))
+                yield pb.WatchResponse(run=pb.RunResponse(index=index))
+
+    def Upload(self, request_iterator: Iterator[pb.UploadRequest], context: Any) -> pb.UploadResponse:
+        try:
+            for chunk in request_iterator:
+                self.seen.append(len(chunk.data))
+        except grpc.RpcError:
+            self.seen.append("RpcError")
+            raise
+        self.seen.append("ended")
+        return pb.UploadResponse()
+
+
+@pytest.mark.parametrize("flavor", ["grpc", "aio-sync"])
+def test_a_plain_generator_keeps_its_context_from_response_to_response(backend: Start) -> None:
+    handler = PlainStreams()
+    server = backend(servicer=handler)
+    assert len(list(server.stub.Watch(pb.WatchRequest(run=pb.RunRequest(model="m", count=3))))) == 3
+    assert handler.seen == [("set before the first response", True)] * 3
+
+
+@pytest.mark.parametrize("flavor", ["grpc", "aio-sync"])
+def test_a_plain_request_stream_cut_short_raises_rpc_error(backend: Start, flavor: str) -> None:
+    handler = PlainStreams()
+    server = backend(servicer=handler)
+
+    def slow() -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(destination="s3-eu", data=b"x")
+        time.sleep(1.0)
+        yield pb.UploadRequest(data=b"y")
+
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Upload(slow(), timeout=0.3)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    (env,) = server.envelopes(1)
+    assert states(env)[-1] == "CANCELLED"
+    assert env.outcome.status_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    if flavor == "aio-sync":  # a grpc server's own iterator may also just end, when the deadline races it
+        wait_until(lambda: handler.seen == [1, "RpcError"])
 
 
 def test_client_interceptors_carry_the_envelope_on_every_arity(backend: Start) -> None:
