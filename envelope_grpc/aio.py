@@ -103,8 +103,9 @@ grpc.aio.ServicerContext.register(_AsyncView)  # handlers may check what they we
 
 class _PlainView(_View):
     """The view of a plain (not async) handler on a grpc.aio server, which
-    runs on a worker thread: ``abort`` ends the call as it does on a grpc
-    server, by running the aio context's abort on the event loop and raising."""
+    runs on a worker thread: what the aio context does by coroutine
+    (``abort``, ``send_initial_metadata``) runs on the event loop, and the
+    handler waits for it, as on a grpc server."""
 
     __slots__ = ("_loop",)
 
@@ -116,6 +117,10 @@ class _PlainView(_View):
         aborting = self._context.abort(code, details, self._kept(trailing_metadata))
         asyncio.run_coroutine_threadsafe(aborting, self._loop).result()  # raises the abort
         raise RuntimeError("grpc.aio's abort returned")  # pragma: no cover - it always raises
+
+    def send_initial_metadata(self, initial_metadata: Any) -> None:
+        sending = self._context.send_initial_metadata(initial_metadata)
+        asyncio.run_coroutine_threadsafe(sending, self._loop).result()
 
     def abort_with_status(self, status: grpc.Status) -> NoReturn:
         self.abort(status.code, status.details, status.trailing_metadata)

@@ -818,6 +818,10 @@ class PlainStreams(pb_grpc.ExecutionTestServiceServicer):
         self.seen.append("ended")
         return pb.UploadResponse()
 
+    def Ping(self, request: pb.PingRequest, context: Any) -> pb.PingResponse:
+        context.send_initial_metadata((("x-initial", request.text),))
+        return pb.PingResponse(text=request.text)
+
 
 @pytest.mark.parametrize("flavor", ["grpc", "aio-sync"])
 def test_a_plain_generator_keeps_its_context_from_response_to_response(backend: Start) -> None:
@@ -825,6 +829,14 @@ def test_a_plain_generator_keeps_its_context_from_response_to_response(backend: 
     server = backend(servicer=handler)
     assert len(list(server.stub.Watch(pb.WatchRequest(run=pb.RunRequest(model="m", count=3))))) == 3
     assert handler.seen == [("set before the first response", True)] * 3
+
+
+@pytest.mark.parametrize("flavor", ["grpc", "aio-sync"])
+def test_a_plain_handler_sends_initial_metadata(backend: Start) -> None:
+    server = backend(servicer=PlainStreams())
+    reply, call = server.stub.Ping.with_call(pb.PingRequest(text="hello"))
+    assert reply.text == "hello"
+    assert dict(call.initial_metadata())["x-initial"] == "hello"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("flavor", ["grpc", "aio-sync"])
