@@ -187,6 +187,24 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
             )
 
+    def _publish(
+        self,
+        context: grpc.ServicerContext,
+        store: Store,
+        staged: pathlib.Path,
+        file: pathlib.Path,
+        path: str,
+        classification: DataClassification.ValueType,
+    ) -> bool:
+        """Move a staged object into place with its classification. While it
+        moves, the path counts as the higher of the old and the new object's,
+        so that neither can be read as less than it is."""
+        before = self.stores.classification(store, path)
+        self.stores.classify(store, path, max(before, classification))
+        kept = _publish(context, staged, file, path)
+        self.stores.classify(store, path, classification)
+        return kept
+
     def _writable(self, context: grpc.ServicerContext, store: Store, file: pathlib.Path) -> None:
         reason = _stores.conflict(store, file)
         if reason:
@@ -292,8 +310,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                     grpc.StatusCode.DATA_LOSS,
                 )
             grant_and_bind(received, _binding(store, relative, source=header.source[:512]))
-            kept = _publish(context, staged, file, relative)
-            self.stores.classify(store, relative, header.data_classification)
+            kept = self._publish(context, store, staged, file, relative, header.data_classification)
         finally:
             if not kept:
                 _discard(staged)
@@ -362,8 +379,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                         digest.update(block)
                         out.write(block)
                         copied += len(block)
-                kept = _publish(context, staged, file, target)
-                self.stores.classify(destination, target, request.data_classification)
+                kept = self._publish(context, destination, staged, file, target, request.data_classification)
             finally:
                 if not kept:
                     _discard(staged)

@@ -28,7 +28,7 @@ from envelope_grpc.v1.envelope_pb2 import (
     ResourceDimension,
     Resources,
 )
-from services.data_movement import Stores
+from services.data_movement import Stores, _service
 from services.data_movement.v1 import data_movement_pb2 as pb
 from services.data_movement.v1 import data_movement_pb2_grpc as pb_grpc
 from tests.conftest import COMPLETED_PATH, error_info, only_grant, refused, transitions
@@ -37,6 +37,7 @@ from tests.services._python_m import python_m, stop_with_sigterm
 
 S = LifecycleState
 BACKEND = GrantStage.GRANT_STAGE_BACKEND
+PUBLIC = DataClassification.DATA_CLASSIFICATION_PUBLIC
 INTERNAL = DataClassification.DATA_CLASSIFICATION_INTERNAL
 CONFIDENTIAL = DataClassification.DATA_CLASSIFICATION_CONFIDENTIAL
 RESTRICTED = DataClassification.DATA_CLASSIFICATION_RESTRICTED
@@ -530,6 +531,27 @@ def test_an_object_is_read_and_copied_only_as_classified_as_it_was_written(serve
     envelopes = served.envelopes(5)
     assert [env.scope.data_classification for env in envelopes] == [RESTRICTED, 0, 0, RESTRICTED, RESTRICTED]
     assert not served.object("scratch", "c.bin").exists()
+
+
+def test_while_an_object_is_replaced_its_path_counts_as_the_higher_classification(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log: list[Any] = []
+    classify, publish = Stores.classify, _service._publish
+    monkeypatch.setattr(
+        Stores,
+        "classify",
+        lambda self, store, path, level: (log.append(level), classify(self, store, path, level)),
+    )
+    monkeypatch.setattr(_service, "_publish", lambda *args: (log.append("moved"), publish(*args))[1])
+    served.upload(header(store="scratch", region="local", data_classification=PUBLIC), [DATA])
+    served.upload(header(store="scratch", region="local", data_classification=INTERNAL), [DATA])
+    served.upload(header(store="scratch", region="local", data_classification=PUBLIC), [DATA])
+    assert log == [
+        *(INTERNAL, "moved", PUBLIC),  # new: the store's ceiling until it is in place
+        *(INTERNAL, "moved", INTERNAL),  # raised before the move
+        *(INTERNAL, "moved", PUBLIC),  # lowered after it
+    ]
 
 
 # -- the service's own set-up ------------------------------------------------------------------
