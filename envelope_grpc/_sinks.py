@@ -76,12 +76,12 @@ class SinkDispatcher:
         """Queue ``envelope`` for every sink without blocking; a function that
         returns it is called on the dispatcher's thread (the envelope is then
         built off the RPC path)."""
-        with self._lock:
-            self._submitted += 1
         try:
-            if self._closed:  # nothing will write it: it counts as dropped
-                raise queue.Full
-            self._queue.put_nowait(envelope)
+            with self._lock:  # so that nothing lands behind close()'s end marker
+                self._submitted += 1
+                if self._closed:  # nothing will write it: it counts as dropped
+                    raise queue.Full
+                self._queue.put_nowait(envelope)
         except queue.Full:
             with self._lock:
                 self._dropped += 1
@@ -110,9 +110,10 @@ class SinkDispatcher:
         ``timeout`` seconds; sinks still writing then are left open (and
         logged), not closed under the writer. Envelopes submitted afterwards
         count as dropped."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         deadline = time.monotonic() + timeout
         with contextlib.suppress(queue.Full):  # a full queue behind a stuck sink
             self._queue.put(None, timeout=timeout)
