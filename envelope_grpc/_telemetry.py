@@ -222,7 +222,7 @@ class _Tally:
     interceptor that reports to it (the SDK keeps only the first instrument
     of a name, so each interceptor cannot have its own)."""
 
-    def __init__(self, meter_provider: metrics.MeterProvider, max_series: int) -> None:
+    def __init__(self, meter_provider: metrics.MeterProvider | None, max_series: int) -> None:
         self.lock = threading.Lock()
         self.max_series = max_series
         # Appends and pops of a deque are atomic: calls queue without a lock.
@@ -280,7 +280,12 @@ class _Tally:
         sums[key] = sums.get(key, 0) + value
 
 
-_TALLIES: Final[weakref.WeakKeyDictionary[metrics.MeterProvider, _Tally]] = weakref.WeakKeyDictionary()
+class _Global:
+    """Stands for the global meter provider, whichever it is when counts are read."""
+
+
+_GLOBAL: Final = _Global()
+_TALLIES: Final[weakref.WeakKeyDictionary[object, _Tally]] = weakref.WeakKeyDictionary()
 _TALLIES_LOCK: Final = threading.Lock()
 
 
@@ -305,11 +310,14 @@ class Metrics:
         max_series: int = 2000,
         fold_every: int = 256,
     ) -> None:
-        provider = meter_provider or metrics.get_meter_provider()
+        # One tally for the global provider, made before or after it is set
+        # (the API's proxy hands its instruments on to the SDK's provider).
+        global_ = meter_provider is None or meter_provider is metrics.get_meter_provider()
+        key: object = _GLOBAL if global_ else meter_provider
         with _TALLIES_LOCK:
-            tally = _TALLIES.get(provider)
+            tally = _TALLIES.get(key)
             if tally is None:
-                tally = _TALLIES[provider] = _Tally(provider, max_series)
+                tally = _TALLIES[key] = _Tally(None if global_ else meter_provider, max_series)
         self._tally = tally
         self._queued = tally.queued
         self._fold_every = fold_every

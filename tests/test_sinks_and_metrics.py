@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -210,6 +212,39 @@ def test_interceptors_that_share_a_meter_provider_add_to_the_same_counts(backend
         _labels("acme", dimension="tokens"): 35
     }
     provider.shutdown()
+
+
+_GLOBAL_PROVIDER_SET_LATE = """
+import json
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from envelope_grpc._telemetry import Metrics
+from envelope_grpc.v1.envelope_pb2 import DecisionOutcome, ExecutionKind, Resources
+
+ADMITTED = DecisionOutcome.DECISION_OUTCOME_ADMITTED
+early = Metrics()  # an interceptor made before telemetry is set up
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+late = Metrics()
+early.record(ExecutionKind.EXECUTION_KIND_INFERENCE, "acme", ADMITTED, Resources(tokens=5), None)
+late.record(ExecutionKind.EXECUTION_KIND_INFERENCE, "globex", ADMITTED, Resources(tokens=7), None)
+print(json.dumps({
+    point.attributes["execution_envelope.tenant"]: point.value
+    for resource in reader.get_metrics_data().resource_metrics
+    for scope in resource.scope_metrics
+    for metric in scope.metrics
+    if metric.name == "execution_envelope.admissions"
+    for point in metric.data.data_points
+}))
+"""
+
+
+def test_interceptors_on_the_global_provider_count_together_before_and_after_it_is_set() -> None:
+    # In a process of its own: the global meter provider can be set only once.
+    command = [sys.executable, "-c", _GLOBAL_PROVIDER_SET_LATE]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(done.stdout) == {"acme": 1, "globex": 1}
 
 
 def _labels(tenant: str, **extra: str) -> tuple[tuple[str, Any], ...]:
