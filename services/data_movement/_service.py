@@ -187,7 +187,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
             )
 
-    def _publish(
+    def _move_in(
         self,
         context: grpc.ServicerContext,
         store: Store,
@@ -310,7 +310,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                     grpc.StatusCode.DATA_LOSS,
                 )
             grant_and_bind(received, _binding(store, relative, source=header.source[:512]))
-            kept = self._publish(context, store, staged, file, relative, header.data_classification)
+            kept = self._move_in(context, store, staged, file, relative, header.data_classification)
         finally:
             if not kept:
                 _discard(staged)
@@ -379,7 +379,7 @@ class DataMovementServicer(pb_grpc.DataMovementServiceServicer):
                         digest.update(block)
                         out.write(block)
                         copied += len(block)
-                kept = self._publish(context, destination, staged, file, target, request.data_classification)
+                kept = self._move_in(context, destination, staged, file, target, request.data_classification)
             finally:
                 if not kept:
                     _discard(staged)

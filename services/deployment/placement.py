@@ -333,9 +333,8 @@ def validate(ask: Ask) -> None:
     if no_accelerators and (q.accelerator_count or q.accelerator_type or q.accelerator_memory_bytes):
         why = "force_cpu" if ask.force_cpu else "accelerator_count 0"
         raise invalid("INVALID_ACCELERATORS", f"{why} excludes accelerators, but accelerators were asked for")
-    if (
-        q.memory_bytes is not None and q.memory_bytes < 1
-    ):  # a replica with none would fit anywhere, any number
+    # A replica of no memory (and no accelerators) would fit anywhere, any number of times.
+    if q.memory_bytes is not None and q.memory_bytes < 1:
         raise invalid("INVALID_REQUEST", "host memory per replica must be positive")
     if q.concurrency is not None and q.concurrency < 1:
         raise invalid("INVALID_REQUEST", f"concurrency per replica must be at least 1, got {q.concurrency}")
