@@ -133,6 +133,11 @@ class PolicySpec:
             name = getattr(self.policy, "name", None) or getattr(self.policy, "__name__", None)
             object.__setattr__(self, "name", name or type(self.policy).__name__)
 
+    def fails_open(self, default: bool) -> bool:
+        """Whether a failure of this policy lets the call through (``default``:
+        the interceptor's setting, unless the spec says)."""
+        return default if self.fail_open is None else self.fail_open
+
 
 def as_spec(policy: Policy | PolicySpec) -> PolicySpec:
     """A PolicySpec for a bare policy, or the spec itself."""
@@ -196,7 +201,7 @@ def _consult(spec: PolicySpec, env: ExecutionEnvelope, fail_open: bool) -> Verdi
     try:
         return future.result(timeout=spec.budget)
     except concurrent.futures.TimeoutError:
-        refuses = not spec.dry_run and not (fail_open if spec.fail_open is None else spec.fail_open)
+        refuses = not spec.dry_run and not spec.fails_open(fail_open)
         if not future.cancel() and refuses and spec.release is not None:
             # It runs on after the call is refused and released: whatever it
             # takes is given back when it returns. (A call that goes on is
@@ -315,7 +320,7 @@ def admit(env: ExecutionEnvelope, policies: Sequence[PolicySpec], *, fail_open: 
             verdict: Verdict = _checked(_consult(spec, env, fail_open))
         except Exception as failure:  # a policy's failure must not escape admission
             error = error_text(failure)
-            if fail_open if spec.fail_open is None else spec.fail_open:
+            if spec.fails_open(fail_open):
                 failed_open = True
                 verdict = Allow()
                 opened = opened or not spec.dry_run
