@@ -113,14 +113,15 @@ class _PlainView(_View):
         super().__init__(context, call)
         self._loop = loop
 
+    def _on_loop(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
     def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
-        aborting = self._context.abort(code, details, self._kept(trailing_metadata))
-        asyncio.run_coroutine_threadsafe(aborting, self._loop).result()  # raises the abort
+        self._on_loop(self._context.abort(code, details, self._kept(trailing_metadata)))  # raises the abort
         raise RuntimeError("grpc.aio's abort returned")  # pragma: no cover - it always raises
 
     def send_initial_metadata(self, initial_metadata: Any) -> None:
-        sending = self._context.send_initial_metadata(initial_metadata)
-        asyncio.run_coroutine_threadsafe(sending, self._loop).result()
+        self._on_loop(self._context.send_initial_metadata(initial_metadata))
 
     def abort_with_status(self, status: grpc.Status) -> NoReturn:
         self.abort(status.code, status.details, status.trailing_metadata)
