@@ -23,7 +23,7 @@ from opentelemetry.util.types import AttributeValue
 from envelope_grpc import _constants as k
 from envelope_grpc._core import trailers
 from envelope_grpc._envelope import new_id
-from envelope_grpc._server import _Handler, behavior, rebuilt
+from envelope_grpc._server import WrappedHandlers, _Handler, behavior, rebuilt
 from envelope_grpc._values import OUTCOME_ADMITTED
 
 #: The attributes the envelope interceptor sets on the span of a Run call of
@@ -101,35 +101,27 @@ class _Report:
         )
 
 
-class _Wrapped:
-    """The wrapped handler of each method, made once, as the envelope
-    interceptor keeps it (a server hands out the same handler every call)."""
-
-    def __init__(self, wrap: Callable[[_Handler], _Handler]) -> None:
-        self._wrap = wrap
-        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
-
-    def of(self, method: str, handler: _Handler | None) -> _Handler | None:
-        if handler is None:
-            return None
-        cached = self._wrapped.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = self._wrapped[method] = (handler, self._wrap(handler))
-        return cached[1]
+def _wrapped(
+    wrapped: WrappedHandlers, method: str, handler: _Handler | None, wrap: Callable[[_Handler], _Handler]
+) -> _Handler | None:
+    if handler is None:
+        return None
+    made = wrapped.get(method, handler)
+    return made if made is not None else wrapped.put(method, handler, None, wrap(handler))
 
 
 class FloorServerInterceptor(grpc.ServerInterceptor):
     """The floor for ``grpc`` servers."""
 
     def __init__(self) -> None:
-        self._wrapped = _Wrapped(_wrap)
+        self._wrapped = WrappedHandlers()  # as the envelope interceptor keeps them
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
         details: grpc.HandlerCallDetails,
     ) -> _Handler | None:
-        return self._wrapped.of(details.method, continuation(details))
+        return _wrapped(self._wrapped, details.method, continuation(details), _wrap)
 
 
 def _wrap(handler: _Handler) -> _Handler:
@@ -160,14 +152,14 @@ class AioFloorServerInterceptor(grpc.aio.ServerInterceptor):
     """The floor for ``grpc.aio`` servers (whose handlers are all coroutines)."""
 
     def __init__(self) -> None:
-        self._wrapped = _Wrapped(_wrap_aio)
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         details: grpc.HandlerCallDetails,
     ) -> _Handler | None:
-        return self._wrapped.of(details.method, await continuation(details))
+        return _wrapped(self._wrapped, details.method, await continuation(details), _wrap_aio)
 
 
 def _wrap_aio(handler: _Handler) -> _Handler:

@@ -54,16 +54,39 @@ def counted(call: Call, first: Any, rest: Iterator[Any]) -> Iterator[Any]:
         yield message
 
 
+class WrappedHandlers:
+    """The wrapped handler of each method, with the handler (and whatever
+    else) it was made from: a server hands out the same handler for every
+    call of a method, so each is wrapped once, and again only when what it
+    was made from changes. Bounded: methods may be many."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, tuple[_Handler, object, _Handler]] = {}
+
+    def get(self, method: str, handler: _Handler, made_with: object = None) -> _Handler | None:
+        """The wrapped handler of ``method`` made from ``handler`` and ``made_with``, or None."""
+        cached = self._made.get(method)
+        if cached is not None and cached[0] is handler and cached[1] is made_with:
+            return cached[2]
+        return None
+
+    def put(self, method: str, handler: _Handler, made_with: object, wrapped: _Handler) -> _Handler:
+        """Keep ``wrapped`` as ``method``'s; returns it."""
+        if len(self._made) >= _MAX_WRAPPED:
+            self._made.clear()
+        self._made[method] = (handler, made_with, wrapped)
+        return wrapped
+
+
 class InterceptorBase:
     """What the grpc and grpc.aio server interceptors share: the core, the
     per-method decision to wrap or pass through, and the sink accessors."""
 
     def __init__(self, config: EnvelopeConfig | None = None) -> None:
         self.core = Core(config or EnvelopeConfig())
-        # The wrapped handler of each method, with the handler and plan it was
-        # made from: a server hands out the same handler for every call of a
-        # method, and a plan changes only when the registry's rules do.
-        self._wrapped: dict[str, tuple[_Handler, MethodPlan, _Handler]] = {}
+        # Made from the handler and the method's plan (which changes only
+        # when the registry's rules do).
+        self._wrapped = WrappedHandlers()
 
     def _intercept(
         self, handler: _Handler | None, method: str, wrap: Callable[[Core, MethodPlan, _Handler], _Handler]
@@ -71,14 +94,11 @@ class InterceptorBase:
         if handler is None:
             return None
         plan = self.core.plan(method)
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler and cached[1] is plan:
-            return cached[2]
-        wrapped = handler if plan.action is Action.SKIP else wrap(self.core, plan, handler)
-        if len(self._wrapped) >= _MAX_WRAPPED:  # bounded: methods may be many
-            self._wrapped.clear()
-        self._wrapped[method] = (handler, plan, wrapped)
-        return wrapped
+        wrapped = self._wrapped.get(method, handler, plan)
+        if wrapped is not None:
+            return wrapped
+        made = handler if plan.action is Action.SKIP else wrap(self.core, plan, handler)
+        return self._wrapped.put(method, handler, plan, made)
 
     def sink_stats(self) -> SinkStats | None:
         """The audit dispatcher's counters (None without sinks)."""
