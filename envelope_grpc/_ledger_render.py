@@ -69,7 +69,7 @@ def line(cells: Sequence[str]) -> str:
     return "  ".join(padded).rstrip()
 
 
-def visible(message: MessageT) -> MessageT:
+def visible_copy(message: MessageT) -> MessageT:
     """A copy of ``message`` whose every text (map keys included) is made
     ``_table.visible``, to print."""
     copy = type(message)()
@@ -138,8 +138,8 @@ def tree_rows(node: LineageNode, mark: str = "") -> list[tuple[str, ...]]:
 
 
 def show(env: ExecutionEnvelope, tree: LineageNode | None, out: IO[str]) -> None:
-    """Everything about one envelope (made ``visible``), then its lineage tree."""
-    env = visible(env)
+    """Everything about one envelope (a ``visible_copy``), then its lineage tree."""
+    env = visible_copy(env)
     write = out.write
     principal = env.principal
     execution = env.execution
